@@ -1,0 +1,3 @@
+from netmirror.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,447 @@
+"""The agent: runs in the target's network namespace and hands its traffic over.
+
+Start-up is synchronous and happens before the event loop: read the token, enter
+the namespace, pick the iptables backend, start the guard (which undoes our rules
+even if this process is killed), clear stale chains of dead sessions, describe
+the namespace with pyroute2. Then an aiohttp server takes one daemon tunnel at a
+time; each steal subscription gets listening sockets and a REDIRECT rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from aiohttp import web
+
+from netmirror import __version__
+from netmirror.errors import NetmirrorError, PortInUseError, ProtocolError
+from netmirror.firewall import (
+    Backend,
+    Guard,
+    IptablesNat,
+    Redirect,
+    clear_stale,
+    detect_backend,
+    list_sessions,
+    session_alive,
+)
+from netmirror.protocol import Connection, Limits, Role
+from netmirror.protocol import events as ev
+from netmirror.tasks import TaskSet
+from netmirror.tunnel import PortStats, StreamBridge, Tunnel, abort_with_reset
+
+log = logging.getLogger(__name__)
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, same value for IP6T_SO_ORIGINAL_DST
+HANDSHAKE_TIMEOUT = 10.0
+WS_HEARTBEAT = 10.0
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """Command-line options of ``netmirror agent``."""
+
+    session: str
+    listen: str
+    token: str
+    ttl: float
+    netns: Path | None = None
+    debug: bool = False
+
+
+def original_destination(sock: Any) -> tuple[str, int] | None:
+    """Where a redirected connection was going, from conntrack (None if not redirected)."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+    except OSError:
+        return None
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Subscription:
+    """One stolen port: its listening sockets and counters."""
+
+    port: int
+    mode: str
+    servers: dict[int, asyncio.AbstractServer] = field(default_factory=dict)
+    to_ports: dict[int, int] = field(default_factory=dict)
+    stats: PortStats = field(default_factory=PortStats)
+
+    def redirects(self) -> list[Redirect]:
+        return [Redirect(self.port, to_port, family) for family, to_port in self.to_ports.items()]
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+
+
+class InboundBridge(StreamBridge):
+    """A connection the REDIRECT rule sent to us: becomes a stream to the daemon."""
+
+    def __init__(self, agent: Agent, sub: Subscription) -> None:
+        self.agent = agent
+        self.sub = sub
+        self._refused = False
+        tunnel = agent.tunnel
+        if tunnel is None:
+            self._refused = True
+            return
+        super().__init__(tunnel, sub.stats, inbound=False)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        tunnel = self.agent.tunnel
+        if self._refused or tunnel is None or tunnel is not self.tunnel:
+            self.sub.stats.error("no daemon connected")
+            self._refused = True
+            abort_with_reset(transport)
+            return
+        sock = transport.get_extra_info("socket")
+        dst = original_destination(sock)
+        if dst is None:
+            # Not redirected: someone connected to our listening port directly.
+            self._refused = True
+            abort_with_reset(transport)
+            return
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.stream_id = tunnel.conn.open_stream(
+            port=self.sub.port, original_dst=dst, client=(str(peer[0]), int(peer[1]))
+        )
+        tunnel.attach(self)
+        super().connection_made(transport)
+        tunnel.kick()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self._refused:
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._refused:
+            super().connection_lost(exc)
+
+
+class Agent:
+    """Serves one session's daemon in the current network namespace."""
+
+    def __init__(
+        self,
+        options: AgentOptions,
+        *,
+        backend: Backend,
+        firewall: IptablesNat,
+        info: dict[str, Any],
+        limits: Limits | None = None,
+    ) -> None:
+        self.options = options
+        self.session = options.session
+        self.backend = backend
+        self.firewall = firewall
+        self.info = info
+        self.limits = limits or Limits()
+        self.tunnel: Tunnel | None = None
+        self.subs: dict[int, Subscription] = {}
+        self.tasks = TaskSet("agent")
+        self._fw_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._detached_since: float | None = time.monotonic()
+        self._ipv6 = _has_ipv6()
+
+    # --- websocket endpoint ------------------------------------------------------
+
+    async def handle_tunnel(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024, heartbeat=WS_HEARTBEAT)
+        await ws.prepare(request)
+        conn = Connection(
+            Role.AGENT, token=self.options.token, session=self.session,
+            limits=self.limits, info=self.info,
+        )  # fmt: skip
+        try:
+            authenticated = await asyncio.wait_for(self._handshake(ws, conn), HANDSHAKE_TIMEOUT)
+        except TimeoutError:
+            log.warning("a client connected but sent no hello within %.0fs", HANDSHAKE_TIMEOUT)
+            authenticated = False
+        if not authenticated:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                data = conn.data_to_send()
+                if data:
+                    await ws.send_bytes(data)
+            await ws.close()
+            return ws
+        tunnel = Tunnel(ws, conn, handler=self._on_event, name="tunnel")
+        previous, self.tunnel = self.tunnel, tunnel
+        self._detached_since = None
+        if previous is not None:
+            log.info("a new daemon connection replaces the previous one")
+            await previous.close()
+        log.info("daemon connected")
+        reason = await tunnel.run()
+        if self.tunnel is tunnel:
+            self.tunnel = None
+            self._detached_since = time.monotonic()
+            log.info("daemon disconnected (%s); keeping the rules for %.0fs", reason,
+                     self.options.ttl)
+        return ws
+
+    async def _handshake(self, ws: web.WebSocketResponse, conn: Connection) -> bool:
+        """Read until the hello is accepted; False if it was refused."""
+        from aiohttp import WSMsgType
+
+        while True:
+            msg = await ws.receive()
+            if msg.type != WSMsgType.BINARY:
+                return False
+            try:
+                conn.receive_data(msg.data)
+            except ProtocolError as exc:
+                log.warning("refused a tunnel: %s", exc)
+                return False
+            events = conn.events_received()
+            if any(isinstance(e, ev.HelloReceived) for e in events):
+                data = conn.data_to_send()
+                if data:
+                    await ws.send_bytes(data)
+                return True
+
+    # --- events ------------------------------------------------------------------
+
+    def _on_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.SubscribeRequested):
+            self.tasks.spawn(self._subscribe(event), name=f"subscribe-{event.port}")
+        elif isinstance(event, ev.UnsubscribeRequested):
+            self.tasks.spawn(self._unsubscribe(event), name=f"unsubscribe-{event.port}")
+        elif isinstance(event, ev.StreamOpened):
+            # Streams opened by the daemon (outgoing connections) are not offered.
+            tunnel = self.tunnel
+            if tunnel is not None:
+                tunnel.conn.reset(event.stream_id, "this agent does not open connections")
+                tunnel.kick()
+        elif isinstance(event, ev.ErrorReceived):
+            log.warning("daemon reported an error: %s: %s", event.code, event.message)
+
+    def _answer(self, request_id: int, port: int, *, ok: bool, error: str = "") -> None:
+        tunnel = self.tunnel
+        if tunnel is None:
+            return
+        tunnel.conn.answer(request_id, port, ok=ok, error=error)
+        tunnel.kick()
+
+    async def _subscribe(self, req: ev.SubscribeRequested) -> None:
+        if req.mode != "steal":
+            self._answer(req.request_id, req.port, ok=False,
+                         error=f"{req.mode} mode is not supported yet")
+            return
+        if req.port in self.subs:
+            self._answer(req.request_id, req.port, ok=True)
+            return
+        try:
+            async with self._fw_lock:
+                await asyncio.to_thread(self._check_port_free, req.port)
+                sub = await self._listen(req.port, req.mode)
+                self.subs[req.port] = sub
+                try:
+                    await self._apply_rules()
+                except NetmirrorError:
+                    del self.subs[req.port]
+                    sub.close()
+                    raise
+        except NetmirrorError as exc:
+            log.warning("cannot take port %d: %s", req.port, exc)
+            self._answer(req.request_id, req.port, ok=False, error=str(exc))
+            return
+        log.info("stealing port %d (redirected to %s)", req.port, sub.to_ports)
+        self._answer(req.request_id, req.port, ok=True)
+
+    async def _unsubscribe(self, req: ev.UnsubscribeRequested) -> None:
+        async with self._fw_lock:
+            sub = self.subs.pop(req.port, None)
+            if sub is not None:
+                try:
+                    await self._apply_rules()
+                except NetmirrorError as exc:
+                    self._answer(req.request_id, req.port, ok=False, error=str(exc))
+                    return
+                sub.close()
+                log.info("released port %d", req.port)
+        self._answer(req.request_id, req.port, ok=True)
+
+    def _check_port_free(self, port: int) -> None:
+        for other, ports in list_sessions(self.backend).items():
+            if other != self.session and port in ports and session_alive(other):
+                raise PortInUseError(f"port {port} is already stolen by session {other!r}")
+
+    async def _listen(self, port: int, mode: str) -> Subscription:
+        sub = Subscription(port, mode)
+        loop = asyncio.get_running_loop()
+        families = [(4, socket.AF_INET, "0.0.0.0")]
+        if self._ipv6:
+            families.append((6, socket.AF_INET6, "::"))
+        for family, af, host in families:
+            sock = socket.socket(af, socket.SOCK_STREAM)
+            try:
+                if af == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((host, 0))
+                sock.listen(4096)
+                sock.setblocking(False)
+                server = await loop.create_server(
+                    functools.partial(InboundBridge, self, sub), sock=sock, backlog=4096
+                )
+            except OSError:
+                sock.close()
+                sub.close()
+                raise
+            sub.servers[family] = server
+            sub.to_ports[family] = sock.getsockname()[1]
+        return sub
+
+    async def _apply_rules(self) -> None:
+        redirects = [r for sub in self.subs.values() for r in sub.redirects()]
+        plan = self.firewall.plan(redirects)
+        await asyncio.to_thread(self.firewall.apply, plan)
+
+    # --- life --------------------------------------------------------------------
+
+    def status(self) -> dict[int, Any]:
+        return {port: sub.stats.as_dict() for port, sub in self.subs.items()}
+
+    async def run(self, ready: dict[str, Any]) -> None:
+        """Serve until stopped or until no daemon was attached for ``ttl`` seconds."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._stop.set)
+        app = web.Application()
+        app.router.add_get("/tunnel", self.handle_tunnel)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        kind, _, where = self.options.listen.partition(":")
+        site: web.BaseSite
+        if kind == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(where)
+            old_umask = os.umask(0o177)
+            try:
+                site = web.UnixSite(runner, where)
+                await site.start()
+            finally:
+                os.umask(old_umask)
+        else:
+            host, _, port = where.rpartition(":")
+            site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+            await site.start()
+        ready["listen"] = self.options.listen
+        sys.stdout.write(json.dumps(ready) + "\n")
+        sys.stdout.flush()
+        log.info("agent %s ready on %s", __version__, self.options.listen)
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=0.5)
+                since = self._detached_since
+                if since is not None and time.monotonic() - since > self.options.ttl:
+                    log.info("no daemon for %.0fs: cleaning up and exiting", self.options.ttl)
+                    break
+        finally:
+            log.info("shutting down")
+            if self.tunnel is not None:
+                await self.tunnel.close()
+            for sub in self.subs.values():
+                sub.close()
+            async with self._fw_lock:
+                self.subs.clear()
+                await asyncio.to_thread(self.firewall.teardown)
+            await self.tasks.close()
+            await runner.cleanup()
+
+
+def describe_namespace() -> dict[str, Any]:
+    """Interfaces and addresses of the current namespace (pyroute2, before the loop)."""
+    from pyroute2 import IPRoute
+
+    addresses: list[str] = []
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr():
+            ifname = names.get(addr["index"], "?")
+            if ifname != "lo":
+                addresses.append(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']} ({ifname})")
+    return {"interfaces": sorted(n for n in names.values() if n), "addresses": addresses}
+
+
+def enter_namespace(path: Path) -> None:
+    """Move this process into the network namespace at ``path``."""
+    from pyroute2 import netns
+
+    try:
+        # flags=0: never create a namespace that is not there.
+        netns.setns(str(path), flags=0)
+    except OSError as exc:
+        raise NetmirrorError(f"cannot enter the network namespace {path}: {exc.strerror or exc}") from None
+
+
+def run(options: AgentOptions) -> int:
+    """Entry point of ``netmirror agent``; returns the exit code."""
+    guard: Guard | None = None
+    firewall: IptablesNat | None = None
+    try:
+        if options.netns is not None:
+            enter_namespace(options.netns)
+        backend = detect_backend()
+        firewall = IptablesNat(options.session, backend=backend)
+        firewall.teardown()  # leftovers of an earlier agent of this session
+        guard = Guard.start(options.session, backend)
+        cleared = clear_stale(backend, alive=session_alive)
+        if cleared:
+            log.info("cleared stale rules of dead sessions: %s", ", ".join(cleared))
+        info = describe_namespace()
+        info.update(backend=backend.name.lower(), pid=os.getpid(), version=__version__)
+    except NetmirrorError as exc:
+        log.error("%s", exc)
+        sys.stdout.write(json.dumps({"error": str(exc)}) + "\n")
+        sys.stdout.flush()
+        if guard is not None:
+            guard.close()
+        return 1
+    agent_firewall = firewall
+    ready = {"ready": True, **info}
+    try:
+        import uvloop
+
+        # pyroute2 stays off this loop: it ran above, before the loop started.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            agent = Agent(options, backend=backend, firewall=agent_firewall, info=info)
+            runner.run(agent.run(ready))
+    finally:
+        agent_firewall.teardown()
+        guard.close()
+    return 0

@@ -1,0 +1,461 @@
+"""The ``netmirror`` command. The only place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from netmirror import __version__
+from netmirror.config import Config, Overrides, build_config, json_schema, load_file, parse_config
+from netmirror.errors import ConfigError, NetmirrorError, SessionError
+from netmirror.state import SessionDir, SessionRecord, list_session_dirs, pid_alive
+
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+CONTROL_TIMEOUT = 3.0
+
+
+# --- small helpers --------------------------------------------------------------
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"netmirror: {message}\n")
+
+
+def control(sdir: SessionDir, command: str, *, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+    """One request on a session's control socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(sdir.control_socket))
+            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as exc:
+            raise SessionError(f"session {sdir.name!r} is not answering ({exc})") from None
+    try:
+        answer: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise SessionError(f"session {sdir.name!r} gave a garbled answer") from None
+    return answer
+
+
+def _kill(pid: int, *, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; returns once the pid is gone."""
+    if not pid_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        while pid_alive(pid) and time.monotonic() < deadline + 2:
+            time.sleep(0.05)
+
+
+def clean_stale(sdir: SessionDir) -> bool:
+    """Remove a session whose daemon is gone; True if it was stale."""
+    try:
+        record = sdir.read()
+    except SessionError:
+        if sdir.control_socket.exists() or sdir.record_path.exists():
+            return False
+        sdir.remove()
+        return True
+    if pid_alive(record.daemon_pid) or (record.daemon_pid == 0 and time.time() - record.created < 60):
+        return False
+    # The agent removes its rules when it exits; its guard does if it is killed.
+    _kill(record.agent_pid)
+    sdir.remove()
+    return True
+
+
+def _live_sessions() -> list[tuple[SessionDir, SessionRecord]]:
+    live = []
+    for sdir in list_session_dirs():
+        if clean_stale(sdir):
+            continue
+        with contextlib.suppress(SessionError):
+            live.append((sdir, sdir.read()))
+    return live
+
+
+def _default_session_name(target: str, taken: set[str]) -> str:
+    raw = target.rsplit("/", 1)[-1].lower()
+    base = "".join(c if c.isalnum() else "-" for c in raw).strip("-")[:15].strip("-") or "session"
+    name, n = base, 2
+    while name in taken:
+        name = f"{base}-{n}"
+        n += 1
+    return name
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = build_config(
+        file=Path(args.config) if args.config else None,
+        env=os.environ,
+        flags=Overrides(
+            target=args.target, session=args.session, steal=args.steal or (),
+            mirror=args.mirror or (), agent_image=args.agent_image,
+        ),
+    )  # fmt: skip
+    if not config.target:
+        raise ConfigError("no target: pass --target KIND/NAME (e.g. netns/pod1) or set target:")
+    if not config.active_ports():
+        raise ConfigError("no ports to take: pass --steal PORT[:LOCAL] or list ports: in the config")
+    live = _live_sessions()
+    for sdir, record in live:
+        if record.target != config.target:
+            continue
+        theirs = {p["remote"] for p in record.config.get("ports", []) if p.get("mode") != "off"}
+        for port in config.active_ports():
+            if port.remote in theirs:
+                raise SessionError(
+                    f"port {port.remote} of {config.target} is already taken by session "
+                    f"{sdir.name!r} (netmirror down --session {sdir.name})"
+                )
+    taken = {sdir.name for sdir, _ in live}
+    name = config.session or _default_session_name(config.target, taken)
+    if name in taken:
+        raise SessionError(f"session {name!r} is already running (netmirror down --session {name})")
+    sdir = SessionDir(name)
+    if sdir.path.exists():
+        sdir.remove()  # an empty or damaged left-over, not live (checked above)
+    sdir.create(
+        SessionRecord(
+            name=name, target=config.target, config=config.model_dump(mode="json"),
+            created=time.time(),
+        )
+    )  # fmt: skip
+    return _start_daemon(sdir, config, debug=args.debug, timeout=args.timeout)
+
+
+def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: float | None) -> int:
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "netmirror", "daemon", "--session", sdir.name,
+           "--ready-fd", str(write_fd)]  # fmt: skip
+    if debug:
+        cmd.append("--debug")
+    with open(sdir.log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            pass_fds=(write_fd,), start_new_session=True,
+        )  # fmt: skip
+    os.close(write_fd)
+    limit = timeout or (config.agent.ready_timeout + 30)
+    tty = sys.stderr.isatty()
+    text = "starting the daemon"
+    buffer = b""
+    outcome: dict[str, Any] | None = None
+    started = time.monotonic()
+    frame = 0
+    try:
+        with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+            while outcome is None:
+                elapsed = time.monotonic() - started
+                if elapsed > limit:
+                    outcome = {"error": f"not ready after {limit:.0f}s (last step: {text})"}
+                    break
+                if tty:
+                    sys.stderr.write(f"\r\x1b[K{SPINNER[frame % len(SPINNER)]} {text} "
+                                     f"({elapsed:.1f}s)")  # fmt: skip
+                    sys.stderr.flush()
+                    frame += 1
+                ready, _, _ = select.select([pipe], [], [], 0.1)
+                if not ready:
+                    continue
+                chunk = pipe.read(65536)
+                if not chunk:
+                    code = proc.wait()
+                    outcome = {"error": f"the daemon exited with code {code} before it was ready"
+                               f" (log: {sdir.log_path})"}  # fmt: skip
+                    break
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    with contextlib.suppress(ValueError):
+                        message = json.loads(line)
+                        if "progress" in message:
+                            text = str(message["progress"])
+                            if not tty:
+                                sys.stderr.write(f"... {text}\n")
+                        elif "error" in message or "ready" in message:
+                            outcome = message
+    except KeyboardInterrupt:
+        outcome = {"error": "interrupted"}
+    finally:
+        if tty:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+    if "error" in outcome:
+        _kill(proc.pid)
+        with contextlib.suppress(SessionError):
+            _kill(sdir.read().agent_pid)
+        sdir.remove()
+        raise SessionError(str(outcome["error"]))
+    status = outcome.get("status", {})
+    ports = ", ".join(
+        f"{p['mode']} {p['remote']} -> {p['local']}" for p in status.get("ports", []) if p["mode"] != "off"
+    )
+    print(f"session {sdir.name!r} is up on {status.get('target')}: {ports}")
+    print(f"  netmirror status --session {sdir.name}   |   netmirror down --session {sdir.name}")
+    return 0
+
+
+def _select(args: argparse.Namespace, *, allow_all: bool) -> list[SessionDir]:
+    live = [sdir for sdir, _ in _live_sessions()]
+    if getattr(args, "all", False) and allow_all:
+        return live
+    if args.session:
+        sdir = SessionDir(args.session)
+        if not sdir.path.exists():
+            raise SessionError(f"no session named {args.session!r}")
+        return [sdir]
+    if len(live) > 1:
+        names = ", ".join(s.name for s in live)
+        raise SessionError(f"several sessions are running ({names}): name one with --session"
+                           + (" or use --all" if allow_all else ""))  # fmt: skip
+    return live
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    if args.session and not SessionDir(args.session).path.exists():
+        print(f"no session named {args.session!r}: nothing to do")
+        return 0
+    sessions = _select(args, allow_all=True)
+    if not sessions:
+        print("no sessions running: nothing to do")
+        return 0
+    for sdir in sessions:
+        try:
+            record = sdir.read()
+        except SessionError:
+            sdir.remove()
+            continue
+        try:
+            control(sdir, "down")
+            deadline = time.monotonic() + 15
+            while pid_alive(record.daemon_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except SessionError:
+            pass
+        _kill(record.daemon_pid)
+        _kill(record.agent_pid)
+        sdir.remove()
+        print(f"session {sdir.name!r} is down")
+    return 0
+
+
+def _format_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stale = []
+    for sdir in list_session_dirs():
+        if clean_stale(sdir):
+            stale.append(sdir.name)
+    sessions = _select(args, allow_all=True) if args.session else [s for s, _ in _live_sessions()]
+    statuses: list[dict[str, Any]] = []
+    for sdir in sessions:
+        try:
+            statuses.append(control(sdir, "status")["status"])
+        except (SessionError, KeyError) as exc:
+            statuses.append({"session": sdir.name, "state": "not answering", "error": str(exc)})
+    if args.json:
+        print(json.dumps({"sessions": statuses, "cleaned_stale": stale}, indent=2))
+        return 0
+    for name in stale:
+        print(f"session {name!r} had ended (its daemon was gone); cleaned up")
+    if not statuses:
+        print("no sessions running")
+        return 0
+    for st in statuses:
+        agent = st.get("agent", {})
+        print(f"session {st['session']}  target {st.get('target', '?')}  state {st['state']}"
+              f"  daemon pid {st.get('daemon_pid', '?')}")  # fmt: skip
+        if agent:
+            extra = f", {agent['backend']} rules" if agent.get("backend") else ""
+            print(f"  agent: {agent.get('state')} (pid {agent.get('pid', '?')}{extra})")
+        ports = st.get("ports", [])
+        if ports:
+            print(f"  {'PORT':>6}  {'MODE':<7} {'LOCAL':<22} {'STATE':<8} {'CONNS':>11}"
+                  f" {'IN':>10} {'OUT':>10} {'ERRORS':>6}")  # fmt: skip
+        for p in ports:
+            conns = f"{p.get('connections_total', 0)}/{p.get('connections_open', 0)}"
+            print(f"  {p['remote']:>6}  {p['mode']:<7} {p['local']:<22} {p['state']:<8} {conns:>11}"
+                  f" {_format_bytes(p.get('bytes_in', 0)):>10} {_format_bytes(p.get('bytes_out', 0)):>10}"
+                  f" {p.get('errors', 0):>6}")  # fmt: skip
+            if p.get("last_error"):
+                print(f"          last error: {p['last_error']}")
+        if ports:
+            print("  (CONNS is total/open; IN is client to local, OUT local to client)")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    sessions = _select(args, allow_all=False)
+    if not sessions:
+        raise SessionError("no sessions running")
+    sdir = sessions[0]
+    try:
+        fh = open(sdir.log_path, "rb")  # noqa: SIM115 - followed below
+    except FileNotFoundError:
+        raise SessionError(f"session {sdir.name!r} has no log") from None
+    with fh:
+        sys.stdout.buffer.write(fh.read())
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        try:
+            while sdir.path.exists():
+                chunk = fh.read()
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    path = Path(args.file)
+    config = parse_config(load_file(path), source=path.name)
+    print(f"{path}: ok ({len(config.ports)} port(s), target {config.target or 'not set'})")
+    return 0
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from netmirror import agent, logs
+
+    logs.setup(session=args.session, role="agent", debug=args.debug)
+    if args.token_stdin:
+        token = sys.stdin.readline().strip()
+    elif args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    else:
+        token = os.environ.pop("NETMIRROR_TOKEN", "")
+    if not token:
+        raise ConfigError("the agent needs a token (--token-stdin, --token-file or NETMIRROR_TOKEN)")
+    options = agent.AgentOptions(
+        session=args.session, listen=args.listen, token=token, ttl=args.ttl,
+        netns=Path(args.netns) if args.netns else None, debug=args.debug,
+    )  # fmt: skip
+    return agent.run(options)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from netmirror import daemon
+
+    return daemon.run(args.session, ready_fd=args.ready_fd, debug=args.debug)
+
+
+# --- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netmirror",
+        description="Steal or mirror the TCP traffic of a target into a local process.",
+    )
+    parser.add_argument("--version", action="version", version=f"netmirror {__version__}")
+    parser.add_argument("--debug", action="store_true", help="verbose logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="start a session: steal or mirror ports of a target")
+    up.add_argument("--config", "-c", metavar="FILE", help="YAML, TOML or JSON config file")
+    up.add_argument("--target", "-t", help="netns/NAME or pid/PID")
+    up.add_argument("--steal", action="append", metavar="REMOTE[:LOCAL]",
+                    help="answer connections to REMOTE with 127.0.0.1:LOCAL (repeatable)")
+    up.add_argument("--mirror", action="append", metavar="REMOTE[:LOCAL]",
+                    help="send a copy of REMOTE's traffic to 127.0.0.1:LOCAL (repeatable)")
+    up.add_argument("--session", "-s", help="session name (default: from the target)")
+    up.add_argument("--agent-image", help="agent container image (Kubernetes targets)")
+    up.add_argument("--timeout", type=float, help="seconds to wait until ready")
+    up.set_defaults(func=cmd_up)
+
+    down = sub.add_parser("down", help="stop a session and remove every rule")
+    down.add_argument("--session", "-s")
+    down.add_argument("--all", action="store_true", help="stop every session")
+    down.set_defaults(func=cmd_down)
+
+    status = sub.add_parser("status", help="sessions, ports and counters")
+    status.add_argument("--session", "-s")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status, all=False)
+
+    logs_p = sub.add_parser("logs", help="show a session's log")
+    logs_p.add_argument("--session", "-s")
+    logs_p.add_argument("-f", "--follow", action="store_true")
+    logs_p.set_defaults(func=cmd_logs)
+
+    cfg = sub.add_parser("config", help="check a config file or print its JSON Schema")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    check = cfg_sub.add_parser("check", help="validate a config file")
+    check.add_argument("file")
+    cfg_sub.add_parser("schema", help="print the JSON Schema of the config file")
+    cfg.set_defaults(func=cmd_config)
+
+    agent = sub.add_parser("agent", help="run the agent (inside the target; started for you)")
+    agent.add_argument("--session", required=True)
+    agent.add_argument("--listen", default="tcp:127.0.0.1:47070",
+                       help="unix:PATH or tcp:HOST:PORT for the daemon's websocket")
+    agent.add_argument("--netns", help="network namespace file to enter first")
+    agent.add_argument("--ttl", type=float, default=15.0,
+                       help="seconds to keep the rules while no daemon is connected")
+    agent.add_argument("--token-stdin", action="store_true", help="read the token from stdin")
+    agent.add_argument("--token-file", help="read the token from a file")
+    agent.set_defaults(func=cmd_agent)
+
+    daemon = sub.add_parser("daemon")  # started by `up`; not for people
+    daemon.add_argument("--session", required=True)
+    daemon.add_argument("--ready-fd", type=int)
+    daemon.set_defaults(func=cmd_daemon)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except NetmirrorError as exc:
+        _err(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,449 @@
+"""Thin I/O around the protocol: a websocket on one side, TCP sockets on the other.
+
+:class:`Tunnel` feeds websocket messages into a :class:`~netmirror.protocol.Connection`
+and writes out what it queues. :class:`StreamBridge` joins one TCP connection to
+one stream. Both agent and daemon use them; they differ only in who opens streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import aiohttp
+from aiohttp import web
+
+from netmirror.errors import ProtocolError
+from netmirror.protocol import Connection
+from netmirror.protocol import events as ev
+
+log = logging.getLogger(__name__)
+
+#: Largest websocket message we send; the protocol is a byte stream, so this is
+#: only a transport chunk.
+WS_MESSAGE_SIZE = 256 * 1024
+#: Stop reading sockets while this much tunnel output is waiting for the websocket.
+OUTPUT_HIGH_WATER = 4 * 1024 * 1024
+#: Local socket write buffer above which we stop granting credit.
+SOCKET_HIGH_WATER = 256 * 1024
+
+WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+@dataclass
+class PortStats:
+    """Counters of one subscribed port, as shown by ``netmirror status``."""
+
+    connections_total: int = 0
+    connections_open: int = 0
+    bytes_in: int = 0
+    """Client to local process."""
+    bytes_out: int = 0
+    """Local process to client."""
+    errors: int = 0
+    last_error: str = ""
+
+    def error(self, message: str) -> None:
+        """Count an error and remember its text."""
+        self.errors += 1
+        self.last_error = message
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return {
+            "connections_total": self.connections_total,
+            "connections_open": self.connections_open,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "errors": self.errors,
+            "last_error": self.last_error,
+        }
+
+
+def abort_with_reset(transport: asyncio.Transport | None) -> None:
+    """Close a TCP transport so the peer sees RST, not FIN."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
+class StreamBridge(asyncio.Protocol):
+    """One TCP connection <-> one tunnel stream.
+
+    Reading from the socket stops when the stream's send window is used up and
+    resumes on credit; credit is granted back only once the socket has taken the
+    bytes, so a slow reader bounds memory on both ends to one window.
+    """
+
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        stats: PortStats,
+        *,
+        inbound: bool,
+        stream_id: int = 0,
+    ) -> None:
+        self.tunnel = tunnel
+        self.stats = stats
+        self.stream_id = stream_id
+        # inbound: bytes from the tunnel go to this socket count as bytes_in.
+        self._inbound = inbound
+        self.transport: asyncio.Transport | None = None
+        self._backlog: memoryview | None = None
+        self._pending_writes: list[bytes] = []
+        self._eof_from_socket = False
+        self._eof_sent = False
+        self._eof_from_tunnel = False
+        self._write_paused = False
+        self._read_paused = False
+        self._consumed = 0
+        self._grant_step = max(1, tunnel.conn.limits.initial_window // 4)
+        self._closed = False
+        self._aborted = False
+
+    # --- socket side -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self.transport = transport
+        if self._aborted:
+            # Reset by the peer while we were still connecting.
+            abort_with_reset(transport)
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        transport.set_write_buffer_limits(high=SOCKET_HIGH_WATER)
+        if self._pending_writes:
+            for chunk in self._pending_writes:
+                self._write(chunk)
+            self._pending_writes.clear()
+        if self._eof_from_tunnel:
+            self._write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        if self._inbound:
+            self.stats.bytes_out += len(data)
+        else:
+            self.stats.bytes_in += len(data)
+        if self._backlog is not None:
+            # Only possible in the loop iteration that paused us; keep order.
+            self._backlog = memoryview(bytes(self._backlog) + data)
+            return
+        sent = self.tunnel.conn.send_data(self.stream_id, data)
+        if sent < len(data) and self.tunnel.conn.is_open(self.stream_id):
+            self._backlog = memoryview(data)[sent:]
+            self._pause_reading()
+        self.tunnel.kick(self)
+
+    def eof_received(self) -> bool:
+        self._eof_from_socket = True
+        if self._backlog is None:
+            self._send_eof()
+        # Keep the socket open for writing: half-close is preserved.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self.tunnel.conn.is_open(self.stream_id):
+            if exc is None and self._eof_sent and self._eof_from_tunnel:
+                pass
+            else:
+                reason = f"local socket closed: {exc!r}" if exc else "local socket closed"
+                self.tunnel.conn.reset(self.stream_id, reason)
+                self.tunnel.kick()
+        self.tunnel.forget(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._grant()
+
+    # --- tunnel side -----------------------------------------------------------
+
+    def on_data(self, data: bytes) -> None:
+        """Bytes that came through the tunnel for this socket."""
+        if self._inbound:
+            self.stats.bytes_in += len(data)
+        else:
+            self.stats.bytes_out += len(data)
+        if self.transport is None:
+            self._pending_writes.append(data)
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
+        self.transport.write(data)
+        self._consumed += len(data)
+        if not self._write_paused and self._consumed >= self._grant_step:
+            self._grant()
+
+    def _grant(self) -> None:
+        if self._consumed:
+            self.tunnel.conn.grant(self.stream_id, self._consumed)
+            self._consumed = 0
+            self.tunnel.kick()
+
+    def on_credit(self) -> None:
+        """The peer granted credit: send what waited, then read again."""
+        if self._backlog is not None:
+            backlog = self._backlog
+            sent = self.tunnel.conn.send_data(self.stream_id, backlog)
+            if sent < len(backlog):
+                self._backlog = backlog[sent:]
+                self.tunnel.kick()
+                return
+            self._backlog = None
+            self.tunnel.kick()
+            if self._eof_from_socket:
+                self._send_eof()
+                return
+        self._resume_reading()
+
+    def on_half_closed(self) -> None:
+        """The remote end will send no more (FIN): pass it on to the socket."""
+        self._eof_from_tunnel = True
+        if self.transport is not None:
+            self._write_eof()
+
+    def on_reset(self, reason: str) -> None:
+        """The other end aborted the stream: abort the socket with RST."""
+        log.debug("stream %d reset by peer: %s", self.stream_id, reason)
+        self._aborted = True
+        self._pending_writes.clear()
+        abort_with_reset(self.transport)
+        self.tunnel.forget(self)
+
+    def pause_for_output(self) -> None:
+        """The websocket is behind: stop reading until it drains."""
+        self._pause_reading()
+
+    def resume_after_output(self) -> None:
+        """The websocket drained."""
+        if self._backlog is None:
+            self._resume_reading()
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and self.transport is not None and not self._closed:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._read_paused and self.transport is not None and not self._closed:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def _send_eof(self) -> None:
+        if not self._eof_sent:
+            self._eof_sent = True
+            self.tunnel.conn.shutdown(self.stream_id)
+            self.tunnel.kick()
+            self._maybe_close()
+
+    def _write_eof(self) -> None:
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self._eof_sent and self._eof_from_tunnel and self.transport is not None:
+            # Both directions are done; close() flushes what is buffered first.
+            self.transport.close()
+
+
+@dataclass
+class _Waiters:
+    paused: set[StreamBridge] = field(default_factory=set)
+
+
+class Tunnel:
+    """A protocol connection bound to one websocket.
+
+    ``handler`` receives every event that is not stream traffic (stream traffic is
+    dispatched to the bridges here, on the hot path).
+    """
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        conn: Connection,
+        *,
+        handler: Callable[[ev.Event], None],
+        name: str,
+    ) -> None:
+        self.ws = ws
+        self.conn = conn
+        self.name = name
+        self.bridges: dict[int, StreamBridge] = {}
+        self._handler = handler
+        self._wakeup = asyncio.Event()
+        self._waiters = _Waiters()
+        self._closed = False
+        self.close_reason = ""
+
+    def kick(self, bridge: StreamBridge | None = None) -> None:
+        """Output is queued: wake the writer (and apply backpressure if behind)."""
+        self._wakeup.set()
+        if bridge is not None and self.conn.pending_output > OUTPUT_HIGH_WATER:
+            self._waiters.paused.add(bridge)
+            bridge.pause_for_output()
+
+    def attach(self, bridge: StreamBridge) -> None:
+        """Route the events of ``bridge.stream_id`` to ``bridge``."""
+        self.bridges[bridge.stream_id] = bridge
+        bridge.stats.connections_total += 1
+        bridge.stats.connections_open += 1
+
+    def forget(self, bridge: StreamBridge) -> None:
+        """The bridge's socket is gone."""
+        if self.bridges.get(bridge.stream_id) is bridge:
+            del self.bridges[bridge.stream_id]
+            bridge.stats.connections_open -= 1
+        self._waiters.paused.discard(bridge)
+
+    async def run(self) -> str:
+        """Pump until the websocket closes; returns why it closed."""
+        writer = asyncio.get_running_loop().create_task(self._writer(), name=f"{self.name}:writer")
+        try:
+            await self._reader()
+        finally:
+            self._closed = True
+            self._wakeup.set()
+            try:
+                await asyncio.wait_for(writer, timeout=2)
+            except (TimeoutError, asyncio.CancelledError):
+                writer.cancel()
+            self.abort_streams("the tunnel closed")
+            if not self.ws.closed:
+                await self.ws.close()
+        return self.close_reason
+
+    def abort_streams(self, reason: str) -> None:
+        """Reset every socket: their stream cannot continue."""
+        for bridge in list(self.bridges.values()):
+            bridge.stats.error(reason)
+            bridge.on_reset(reason)
+
+    async def close(self) -> None:
+        """Flush what is queued and close the websocket."""
+        self._closed = True
+        self._wakeup.set()
+        await asyncio.sleep(0)
+        if not self.ws.closed:
+            data = self.conn.data_to_send()
+            if data:
+                try:
+                    await self.ws.send_bytes(data)
+                except (ConnectionError, RuntimeError):
+                    pass
+            await self.ws.close()
+
+    async def _reader(self) -> None:
+        ws = self.ws
+        conn = self.conn
+        bridges = self.bridges
+        while True:
+            msg = await ws.receive()
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                try:
+                    conn.receive_data(msg.data)
+                except ProtocolError as exc:
+                    log.warning("closing the tunnel: %s", exc)
+                    self.close_reason = str(exc)
+                    for event in conn.events_received():
+                        self._dispatch(event, bridges)
+                    self._wakeup.set()
+                    return
+                for event in conn.events_received():
+                    self._dispatch(event, bridges)
+                if conn.pending_output:
+                    self._wakeup.set()
+            elif msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.CLOSED,
+            ):
+                self.close_reason = self.close_reason or "the peer closed the tunnel"
+                return
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                self.close_reason = f"websocket error: {ws.exception()!r}"
+                return
+            else:
+                conn.fail("protocol", f"unexpected websocket message type {msg.type.name}")
+                self.close_reason = f"unexpected websocket message type {msg.type.name}"
+                return
+
+    def _dispatch(self, event: ev.Event, bridges: dict[int, StreamBridge]) -> None:
+        # Stream traffic first: it is nearly every event.
+        if type(event) is ev.DataReceived:
+            bridge = bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.on_data(event.data)
+            return
+        if type(event) is ev.CreditGranted:
+            bridge = bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.on_credit()
+            return
+        if type(event) is ev.StreamHalfClosed:
+            bridge = bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.on_half_closed()
+            return
+        if type(event) is ev.StreamReset:
+            bridge = bridges.get(event.stream_id)
+            if bridge is not None:
+                bridge.on_reset(event.reason)
+            return
+        if type(event) is ev.ErrorReceived:
+            self.close_reason = f"{event.code}: {event.message}"
+        self._handler(event)
+
+    async def _writer(self) -> None:
+        ws = self.ws
+        conn = self.conn
+        wakeup = self._wakeup
+        while True:
+            await wakeup.wait()
+            wakeup.clear()
+            data = conn.data_to_send()
+            if data:
+                try:
+                    if len(data) <= WS_MESSAGE_SIZE:
+                        await ws.send_bytes(data)
+                    else:
+                        for start in range(0, len(data), WS_MESSAGE_SIZE):
+                            await ws.send_bytes(data[start : start + WS_MESSAGE_SIZE])
+                except (ConnectionError, RuntimeError) as exc:
+                    log.debug("websocket send failed: %r", exc)
+                    return
+            if self._waiters.paused and conn.pending_output < OUTPUT_HIGH_WATER // 2:
+                paused, self._waiters.paused = self._waiters.paused, set()
+                for bridge in paused:
+                    bridge.resume_after_output()
+            if self._closed and not conn.pending_output:
+                return
