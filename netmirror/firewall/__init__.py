@@ -1,0 +1,61 @@
+"""Port stealing with iptables nat REDIRECT rules, and the guard that removes them.
+
+See :mod:`netmirror.firewall.iptables` for the rules and :mod:`netmirror.firewall.guard`
+for the process that tears them down when the agent dies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from netmirror.firewall.base import Firewall
+from netmirror.firewall.iptables import (
+    AGENT_MARK,
+    CHAIN_PREFIX,
+    Backend,
+    IptablesNat,
+    NatPlan,
+    Redirect,
+    chain_name,
+    clear_stale,
+    detect_backend,
+    list_sessions,
+    parse_sessions,
+    render_chain,
+    tables_in_use,
+    validate_session,
+)
+
+__all__ = [
+    "AGENT_MARK",
+    "CHAIN_PREFIX",
+    "Backend",
+    "Firewall",
+    "Guard",
+    "IptablesNat",
+    "NatPlan",
+    "Redirect",
+    "chain_name",
+    "clear_stale",
+    "detect_backend",
+    "list_sessions",
+    "parse_sessions",
+    "render_chain",
+    "session_alive",
+    "tables_in_use",
+    "validate_session",
+]
+
+if TYPE_CHECKING:
+    from netmirror.firewall.guard import Guard, session_alive
+
+
+def __getattr__(name: str) -> Any:
+    # The guard module is imported on first use only: `python -m netmirror.firewall.guard`
+    # imports this package first, and finding the module already imported there makes
+    # runpy print a RuntimeWarning on the guard's stderr, which is read as its error line.
+    if name in ("Guard", "session_alive"):
+        from netmirror.firewall import guard
+
+        return getattr(guard, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

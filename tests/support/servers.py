@@ -1,0 +1,114 @@
+"""Real servers for the integration tests and the demo, run as separate processes.
+
+``sha``: for each connection, send an 8-byte tag, read until the client half-closes,
+then send sha256(received) followed by N random bytes (N from the first 8 bytes the
+client sent) and sha256 of those bytes, then close. The client checks both ways.
+
+``http``: a minimal HTTP/1.1 server (keep-alive) answering every request with TEXT.
+
+``echo``: echoes bytes back until the client half-closes.
+
+Each prints ``ready`` on stdout once it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+import sys
+
+
+async def sha_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tag: bytes) -> None:
+    try:
+        writer.write(tag.ljust(8, b"\0")[:8])
+        head = await reader.readexactly(8)
+        (down_size,) = struct.unpack("!Q", head)
+        digest = hashlib.sha256()
+        while chunk := await reader.read(256 * 1024):
+            digest.update(chunk)
+        writer.write(digest.digest())
+        sent = hashlib.sha256()
+        remaining = down_size
+        while remaining:
+            block = os.urandom(min(remaining, 256 * 1024))
+            sent.update(block)
+            writer.write(block)
+            remaining -= len(block)
+            await writer.drain()
+        writer.write(sent.digest())
+        await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while chunk := await reader.read(256 * 1024):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def http_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: bytes) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            if length:
+                await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(text), text))
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["sha", "http", "echo"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="::")
+    parser.add_argument("--tag", default="server")
+    parser.add_argument("--text", default="hello\n")
+    args = parser.parse_args()
+    if args.kind == "sha":
+        tag = args.tag.encode()
+        handler = lambda r, w: sha_handler(r, w, tag)  # noqa: E731
+    elif args.kind == "http":
+        text = args.text.encode()
+        handler = lambda r, w: http_handler(r, w, text)  # noqa: E731
+    else:
+        handler = echo_handler
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    sock.bind((args.host, args.port))
+    server = await asyncio.start_server(handler, sock=sock, backlog=4096, limit=1 << 20)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        sys.exit(0)
