@@ -1,0 +1,160 @@
+"""``make demo``: the main job end to end on a sandbox "pod", no cluster needed.
+
+1. a network namespace with a veth pair and an address runs the "deployed"
+   service (v1) on port 8080;
+2. a "new version" (v2) runs on this machine, on 127.0.0.1:18080;
+3. ``netmirror up --steal 8080:18080``: requests to the pod now reach v2;
+4. ``netmirror status``, then ``netmirror down``: the pod answers again.
+
+Everything is removed at the end, also on Ctrl-C or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from netmirror.sandbox import Sandbox
+
+POD_PORT = 8080
+LOCAL_PORT = 18080
+SESSION = "demo"
+BOLD = "\x1b[1m" if sys.stdout.isatty() else ""
+RESET = "\x1b[0m" if sys.stdout.isatty() else ""
+
+
+def say(text: str) -> None:
+    print(f"\n{BOLD}== {text}{RESET}", flush=True)
+
+
+def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run and echo a command as the user would type it."""
+    shown = " ".join(argv).replace(sys.executable + " -m netmirror", "netmirror")
+    print(f"$ {shown}", flush=True)
+    result = subprocess.run(list(argv), text=True, capture_output=True, check=False)
+    out = (result.stdout + result.stderr).rstrip()
+    if out:
+        print(out, flush=True)
+    if check and result.returncode != 0:
+        raise SystemExit(f"demo failed: {shown} exited with {result.returncode}")
+    return result
+
+
+def netmirror(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run(sys.executable, "-m", "netmirror", *args, check=check)
+
+
+async def _serve(port: int, host: str, text: str) -> None:
+    body = text.encode() + b"\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, host, port)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def start_server(cmd: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit(f"demo failed: could not start {' '.join(cmd)}")
+    return proc
+
+
+def demo() -> int:
+    box = Sandbox("demo", index=77)
+    procs: list[subprocess.Popen[str]] = []
+    serve = [sys.executable, "-m", "netmirror.demo", "serve"]
+    # Turn SIGTERM into the same clean exit as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        if box.exists():
+            box.destroy()  # left over from an interrupted run
+        say(f"A sandbox pod: namespace {box.netns}, address {box.pod_ip}")
+        box.create()
+        procs.append(start_server(box.cmd(*serve, "--port", str(POD_PORT), "--host", "0.0.0.0",
+                                           "--text", "hello from the deployed pod (v1)")))  # fmt: skip
+        url = f"http://{box.pod_ip}:{POD_PORT}/"
+        run("curl", "-sS", "-m", "5", url)
+
+        say(f"Your new version, running locally on 127.0.0.1:{LOCAL_PORT}")
+        procs.append(start_server([*serve, "--port", str(LOCAL_PORT), "--host", "127.0.0.1",
+                                   "--text", "hello from your machine (v2, not deployed)"]))  # fmt: skip
+        run("curl", "-sS", "-m", "5", f"http://127.0.0.1:{LOCAL_PORT}/")
+
+        say("Steal the pod's port 8080 into the local version")
+        started = time.monotonic()
+        netmirror("up", "--target", box.target, "--steal", f"{POD_PORT}:{LOCAL_PORT}",
+                  "--session", SESSION)  # fmt: skip
+        print(f"(ready in {time.monotonic() - started:.2f}s)")
+
+        say("Requests to the pod's address are now answered by your machine")
+        for _ in range(3):
+            run("curl", "-sS", "-m", "5", url)
+        say("...and so are the pod's own localhost connections")
+        run(*box.cmd("curl", "-sS", "-m", "5", f"http://127.0.0.1:{POD_PORT}/"))
+
+        say("What netmirror sees")
+        netmirror("status", "--session", SESSION)
+
+        say("Put everything back")
+        netmirror("down", "--session", SESSION)
+        run("curl", "-sS", "-m", "5", url)
+        left = subprocess.run(box.cmd("iptables-save"), capture_output=True, text=True,
+                              check=False).stdout  # fmt: skip
+        print("netmirror rules left in the pod:", "none" if "NETMIRROR" not in left else left)
+        say("Done: the pod answers itself again")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        with contextlib.suppress(Exception):
+            subprocess.run([sys.executable, "-m", "netmirror", "down", "--session", SESSION],
+                           capture_output=True, check=False, timeout=60)  # fmt: skip
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        box.destroy()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m netmirror.demo")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="a tiny HTTP server answering TEXT (used by the demo)")
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--text", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(args.port, args.host, args.text))
+        return 0
+    if os.geteuid() != 0:
+        print("the demo needs root (network namespaces and iptables): sudo make demo",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return demo()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
