@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--listen", default="tcp:127.0.0.1:47070",
                        help="unix:PATH or tcp:HOST:PORT for the daemon's websocket")
     agent.add_argument("--netns", help="network namespace file to enter first")
-    agent.add_argument("--ttl", type=float, default=15.0,
+    agent.add_argument("--ttl", type=float, default=5.0,
                        help="seconds to keep the rules while no daemon is connected")
     agent.add_argument("--token-stdin", action="store_true", help="read the token from stdin")
     agent.add_argument("--token-file", help="read the token from a file")

@@ -199,7 +199,7 @@ class AgentConfig(BaseModel):
         description="Container image of the agent, used for Kubernetes targets.",
     )
     ttl: Seconds = Field(
-        default=15.0,
+        default=5.0,
         gt=0,
         le=3600,
         allow_inf_nan=False,

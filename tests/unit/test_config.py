@@ -62,7 +62,7 @@ def test_defaults() -> None:
     assert config.ports == []
     assert config.agent == AgentConfig()
     assert config.agent.image == "ghcr.io/netmirror/agent:0.1.0"
-    assert config.agent.ttl == 15.0
+    assert config.agent.ttl == 5.0
     assert config.agent.ready_timeout == 30.0
     port = PortConfig(remote=80)
     assert (port.mode, port.local, port.local_host) == ("steal", None, "127.0.0.1")
