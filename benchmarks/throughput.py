@@ -48,8 +48,13 @@ def iperf(host: str, port: int, *, seconds: int, reverse: bool) -> float:
 
 
 def netmirror(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "netmirror", *args], check=True, capture_output=True,
-                   text=True, timeout=60)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "netmirror", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def main() -> int:
@@ -67,29 +72,46 @@ def main() -> int:
         if box.exists():
             box.destroy()
         box.create()
-        procs.append(subprocess.Popen(["iperf3", "-s", "-p", str(LOCAL_PORT), "-B", "127.0.0.1"],
-                                      stdout=subprocess.DEVNULL))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                ["iperf3", "-s", "-p", str(LOCAL_PORT), "-B", "127.0.0.1"],
+                stdout=subprocess.DEVNULL,
+            )
+        )
         procs.append(box.popen("iperf3", "-s", "-p", str(POD_PORT), stdout=subprocess.DEVNULL))
         time.sleep(0.5)
         for _ in range(args.rounds):
             for reverse in (False, True):
                 way = "download" if reverse else "upload"
                 samples.setdefault(f"direct/{way}", []).append(
-                    iperf("127.0.0.1", LOCAL_PORT, seconds=args.seconds, reverse=reverse))
+                    iperf("127.0.0.1", LOCAL_PORT, seconds=args.seconds, reverse=reverse)
+                )
                 samples.setdefault(f"pod/{way}", []).append(
-                    iperf(box.pod_ip, POD_PORT, seconds=args.seconds, reverse=reverse))
-            netmirror("up", "--target", box.target, "--steal", f"{POD_PORT}:{LOCAL_PORT}",
-                      "--session", "bench")  # fmt: skip
+                    iperf(box.pod_ip, POD_PORT, seconds=args.seconds, reverse=reverse)
+                )
+            netmirror(
+                "up",
+                "--target",
+                box.target,
+                "--steal",
+                f"{POD_PORT}:{LOCAL_PORT}",
+                "--session",
+                "bench",
+            )
             try:
                 for reverse in (False, True):
                     way = "download" if reverse else "upload"
                     samples.setdefault(f"steal/{way}", []).append(
-                        iperf(box.pod_ip, POD_PORT, seconds=args.seconds, reverse=reverse))
+                        iperf(box.pod_ip, POD_PORT, seconds=args.seconds, reverse=reverse)
+                    )
             finally:
                 netmirror("down", "--session", "bench")
     finally:
-        subprocess.run([sys.executable, "-m", "netmirror", "down", "--session", "bench"],
-                       capture_output=True, check=False)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "netmirror", "down", "--session", "bench"],
+            capture_output=True,
+            check=False,
+        )
         for proc in procs:
             proc.kill()
             proc.wait()
@@ -97,8 +119,11 @@ def main() -> int:
 
     medians = {key: statistics.median(values) for key, values in samples.items()}
     report: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
         "seconds": args.seconds,
         "rounds": args.rounds,
         "samples_bytes_per_s": samples,
@@ -106,13 +131,17 @@ def main() -> int:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "throughput.json").write_text(json.dumps(report, indent=2))
-    print("| one TCP stream | direct (local app) | pod (veth) | netmirror steal "
-          "| steal / direct | steal / pod |")
+    print(
+        "| one TCP stream | direct (local app) | pod (veth) | netmirror steal "
+        "| steal / direct | steal / pod |"
+    )
     print("|---|---|---|---|---|---|")
     for way in ("upload", "download"):
         d, p, s = (medians[f"{k}/{way}"] for k in ("direct", "pod", "steal"))
-        print(f"| {way} | {d / 1e6:,.0f} MB/s | {p / 1e6:,.0f} MB/s | {s / 1e6:,.0f} MB/s "
-              f"| {s / d:.2f} | {s / p:.2f} |")  # fmt: skip
+        print(
+            f"| {way} | {d / 1e6:,.0f} MB/s | {p / 1e6:,.0f} MB/s | {s / 1e6:,.0f} MB/s "
+            f"| {s / d:.2f} | {s / p:.2f} |"
+        )
     return 0
 
 

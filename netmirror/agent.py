@@ -183,9 +183,12 @@ class Agent:
         ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024, heartbeat=WS_HEARTBEAT)
         await ws.prepare(request)
         conn = Connection(
-            Role.AGENT, token=self.options.token, session=self.session,
-            limits=self.limits, info=self.info,
-        )  # fmt: skip
+            Role.AGENT,
+            token=self.options.token,
+            session=self.session,
+            limits=self.limits,
+            info=self.info,
+        )
         try:
             authenticated = await asyncio.wait_for(self._handshake(ws, conn), HANDSHAKE_TIMEOUT)
         except TimeoutError:
@@ -209,8 +212,9 @@ class Agent:
         if self.tunnel is tunnel:
             self.tunnel = None
             self._detached_since = time.monotonic()
-            log.info("daemon disconnected (%s); keeping the rules for %.0fs", reason,
-                     self.options.ttl)
+            log.info(
+                "daemon disconnected (%s); keeping the rules for %.0fs", reason, self.options.ttl
+            )
         return ws
 
     async def _handshake(self, ws: web.WebSocketResponse, conn: Connection) -> bool:
@@ -258,8 +262,9 @@ class Agent:
 
     async def _subscribe(self, req: ev.SubscribeRequested) -> None:
         if req.mode != "steal":
-            self._answer(req.request_id, req.port, ok=False,
-                         error=f"{req.mode} mode is not supported yet")
+            self._answer(
+                req.request_id, req.port, ok=False, error=f"{req.mode} mode is not supported yet"
+            )
             return
         if req.port in self.subs:
             self._answer(req.request_id, req.port, ok=True)
@@ -406,7 +411,9 @@ def enter_namespace(path: Path) -> None:
         # flags=0: never create a namespace that is not there.
         netns.setns(str(path), flags=0)
     except OSError as exc:
-        raise NetmirrorError(f"cannot enter the network namespace {path}: {exc.strerror or exc}") from None
+        raise NetmirrorError(
+            f"cannot enter the network namespace {path}: {exc.strerror or exc}"
+        ) from None
 
 
 def run(options: AgentOptions) -> int:

@@ -79,7 +79,9 @@ def clean_stale(sdir: SessionDir) -> bool:
             return False
         sdir.remove()
         return True
-    if pid_alive(record.daemon_pid) or (record.daemon_pid == 0 and time.time() - record.created < 60):
+    if pid_alive(record.daemon_pid) or (
+        record.daemon_pid == 0 and time.time() - record.created < 60
+    ):
         return False
     # The agent removes its rules when it exits; its guard does if it is killed.
     _kill(record.agent_pid)
@@ -115,14 +117,19 @@ def cmd_up(args: argparse.Namespace) -> int:
         file=Path(args.config) if args.config else None,
         env=os.environ,
         flags=Overrides(
-            target=args.target, session=args.session, steal=args.steal or (),
-            mirror=args.mirror or (), agent_image=args.agent_image,
+            target=args.target,
+            session=args.session,
+            steal=args.steal or (),
+            mirror=args.mirror or (),
+            agent_image=args.agent_image,
         ),
-    )  # fmt: skip
+    )
     if not config.target:
         raise ConfigError("no target: pass --target KIND/NAME (e.g. netns/pod1) or set target:")
     if not config.active_ports():
-        raise ConfigError("no ports to take: pass --steal PORT[:LOCAL] or list ports: in the config")
+        raise ConfigError(
+            "no ports to take: pass --steal PORT[:LOCAL] or list ports: in the config"
+        )
     live = _live_sessions()
     for sdir, record in live:
         if record.target != config.target:
@@ -143,24 +150,38 @@ def cmd_up(args: argparse.Namespace) -> int:
         sdir.remove()  # an empty or damaged left-over, not live (checked above)
     sdir.create(
         SessionRecord(
-            name=name, target=config.target, config=config.model_dump(mode="json"),
+            name=name,
+            target=config.target,
+            config=config.model_dump(mode="json"),
             created=time.time(),
         )
-    )  # fmt: skip
+    )
     return _start_daemon(sdir, config, debug=args.debug, timeout=args.timeout)
 
 
 def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: float | None) -> int:
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "netmirror", "daemon", "--session", sdir.name,
-           "--ready-fd", str(write_fd)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "netmirror",
+        "daemon",
+        "--session",
+        sdir.name,
+        "--ready-fd",
+        str(write_fd),
+    ]
     if debug:
         cmd.append("--debug")
     with open(sdir.log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            pass_fds=(write_fd,), start_new_session=True,
-        )  # fmt: skip
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
     os.close(write_fd)
     limit = timeout or (config.agent.ready_timeout + 30)
     tty = sys.stderr.isatty()
@@ -177,8 +198,9 @@ def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: flo
                     outcome = {"error": f"not ready after {limit:.0f}s (last step: {text})"}
                     break
                 if tty:
-                    sys.stderr.write(f"\r\x1b[K{SPINNER[frame % len(SPINNER)]} {text} "
-                                     f"({elapsed:.1f}s)")  # fmt: skip
+                    sys.stderr.write(
+                        f"\r\x1b[K{SPINNER[frame % len(SPINNER)]} {text} ({elapsed:.1f}s)"
+                    )
                     sys.stderr.flush()
                     frame += 1
                 ready, _, _ = select.select([pipe], [], [], 0.1)
@@ -187,8 +209,10 @@ def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: flo
                 chunk = pipe.read(65536)
                 if not chunk:
                     code = proc.wait()
-                    outcome = {"error": f"the daemon exited with code {code} before it was ready"
-                               f" (log: {sdir.log_path})"}  # fmt: skip
+                    outcome = {
+                        "error": f"the daemon exited with code {code} before it was ready"
+                        f" (log: {sdir.log_path})"
+                    }
                     break
                 buffer += chunk
                 while b"\n" in buffer:
@@ -215,7 +239,9 @@ def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: flo
         raise SessionError(str(outcome["error"]))
     status = outcome.get("status", {})
     ports = ", ".join(
-        f"{p['mode']} {p['remote']} -> {p['local']}" for p in status.get("ports", []) if p["mode"] != "off"
+        f"{p['mode']} {p['remote']} -> {p['local']}"
+        for p in status.get("ports", [])
+        if p["mode"] != "off"
     )
     print(f"session {sdir.name!r} is up on {status.get('target')}: {ports}")
     print(f"  netmirror status --session {sdir.name}   |   netmirror down --session {sdir.name}")
@@ -233,8 +259,10 @@ def _select(args: argparse.Namespace, *, allow_all: bool) -> list[SessionDir]:
         return [sdir]
     if len(live) > 1:
         names = ", ".join(s.name for s in live)
-        raise SessionError(f"several sessions are running ({names}): name one with --session"
-                           + (" or use --all" if allow_all else ""))  # fmt: skip
+        raise SessionError(
+            f"several sessions are running ({names}): name one with --session"
+            + (" or use --all" if allow_all else "")
+        )
     return live
 
 
@@ -297,20 +325,27 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     for st in statuses:
         agent = st.get("agent", {})
-        print(f"session {st['session']}  target {st.get('target', '?')}  state {st['state']}"
-              f"  daemon pid {st.get('daemon_pid', '?')}")  # fmt: skip
+        print(
+            f"session {st['session']}  target {st.get('target', '?')}  state {st['state']}"
+            f"  daemon pid {st.get('daemon_pid', '?')}"
+        )
         if agent:
             extra = f", {agent['backend']} rules" if agent.get("backend") else ""
             print(f"  agent: {agent.get('state')} (pid {agent.get('pid', '?')}{extra})")
         ports = st.get("ports", [])
         if ports:
-            print(f"  {'PORT':>6}  {'MODE':<7} {'LOCAL':<22} {'STATE':<8} {'CONNS':>11}"
-                  f" {'IN':>10} {'OUT':>10} {'ERRORS':>6}")  # fmt: skip
+            print(
+                f"  {'PORT':>6}  {'MODE':<7} {'LOCAL':<22} {'STATE':<8} {'CONNS':>11}"
+                f" {'IN':>10} {'OUT':>10} {'ERRORS':>6}"
+            )
         for p in ports:
             conns = f"{p.get('connections_total', 0)}/{p.get('connections_open', 0)}"
-            print(f"  {p['remote']:>6}  {p['mode']:<7} {p['local']:<22} {p['state']:<8} {conns:>11}"
-                  f" {_format_bytes(p.get('bytes_in', 0)):>10} {_format_bytes(p.get('bytes_out', 0)):>10}"
-                  f" {p.get('errors', 0):>6}")  # fmt: skip
+            b_in = _format_bytes(p.get("bytes_in", 0))
+            b_out = _format_bytes(p.get("bytes_out", 0))
+            print(
+                f"  {p['remote']:>6}  {p['mode']:<7} {p['local']:<22} {p['state']:<8} {conns:>11}"
+                f" {b_in:>10} {b_out:>10} {p.get('errors', 0):>6}"
+            )
             if p.get("last_error"):
                 print(f"          last error: {p['last_error']}")
         if ports:
@@ -324,7 +359,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         raise SessionError("no sessions running")
     sdir = sessions[0]
     try:
-        fh = open(sdir.log_path, "rb")  # noqa: SIM115 - followed below
+        fh = open(sdir.log_path, "rb")
     except FileNotFoundError:
         raise SessionError(f"session {sdir.name!r} has no log") from None
     with fh:
@@ -366,11 +401,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
     else:
         token = os.environ.pop("NETMIRROR_TOKEN", "")
     if not token:
-        raise ConfigError("the agent needs a token (--token-stdin, --token-file or NETMIRROR_TOKEN)")
+        raise ConfigError(
+            "the agent needs a token (--token-stdin, --token-file or NETMIRROR_TOKEN)"
+        )
     options = agent.AgentOptions(
-        session=args.session, listen=args.listen, token=token, ttl=args.ttl,
-        netns=Path(args.netns) if args.netns else None, debug=args.debug,
-    )  # fmt: skip
+        session=args.session,
+        listen=args.listen,
+        token=token,
+        ttl=args.ttl,
+        netns=Path(args.netns) if args.netns else None,
+        debug=args.debug,
+    )
     return agent.run(options)
 
 
@@ -395,10 +436,18 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start a session: steal or mirror ports of a target")
     up.add_argument("--config", "-c", metavar="FILE", help="YAML, TOML or JSON config file")
     up.add_argument("--target", "-t", help="netns/NAME or pid/PID")
-    up.add_argument("--steal", action="append", metavar="REMOTE[:LOCAL]",
-                    help="answer connections to REMOTE with 127.0.0.1:LOCAL (repeatable)")
-    up.add_argument("--mirror", action="append", metavar="REMOTE[:LOCAL]",
-                    help="send a copy of REMOTE's traffic to 127.0.0.1:LOCAL (repeatable)")
+    up.add_argument(
+        "--steal",
+        action="append",
+        metavar="REMOTE[:LOCAL]",
+        help="answer connections to REMOTE with 127.0.0.1:LOCAL (repeatable)",
+    )
+    up.add_argument(
+        "--mirror",
+        action="append",
+        metavar="REMOTE[:LOCAL]",
+        help="send a copy of REMOTE's traffic to 127.0.0.1:LOCAL (repeatable)",
+    )
     up.add_argument("--session", "-s", help="session name (default: from the target)")
     up.add_argument("--agent-image", help="agent container image (Kubernetes targets)")
     up.add_argument("--timeout", type=float, help="seconds to wait until ready")
@@ -428,11 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", help="run the agent (inside the target; started for you)")
     agent.add_argument("--session", required=True)
-    agent.add_argument("--listen", default="tcp:127.0.0.1:47070",
-                       help="unix:PATH or tcp:HOST:PORT for the daemon's websocket")
+    agent.add_argument(
+        "--listen",
+        default="tcp:127.0.0.1:47070",
+        help="unix:PATH or tcp:HOST:PORT for the daemon's websocket",
+    )
     agent.add_argument("--netns", help="network namespace file to enter first")
-    agent.add_argument("--ttl", type=float, default=5.0,
-                       help="seconds to keep the rules while no daemon is connected")
+    agent.add_argument(
+        "--ttl",
+        type=float,
+        default=5.0,
+        help="seconds to keep the rules while no daemon is connected",
+    )
     agent.add_argument("--token-stdin", action="store_true", help="read the token from stdin")
     agent.add_argument("--token-file", help="read the token from a file")
     agent.set_defaults(func=cmd_agent)

@@ -127,9 +127,12 @@ class Daemon:
         bridge = StreamBridge(tunnel, stats, inbound=True, stream_id=event.stream_id)
         tunnel.attach(bridge)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("stream %d from %s:%d to %s:%d", event.stream_id, *event.client,
-                      *event.original_dst)
-        self.tasks.spawn(self._connect_local(tunnel, bridge, port), name=f"connect-{event.stream_id}")
+            log.debug(
+                "stream %d from %s:%d to %s:%d", event.stream_id, *event.client, *event.original_dst
+            )
+        self.tasks.spawn(
+            self._connect_local(tunnel, bridge, port), name=f"connect-{event.stream_id}"
+        )
 
     async def _connect_local(self, tunnel: Tunnel, bridge: StreamBridge, port: PortConfig) -> None:
         loop = asyncio.get_running_loop()
@@ -160,8 +163,11 @@ class Daemon:
         while True:
             try:
                 ws = await self._session.ws_connect(
-                    self.agent.url, max_msg_size=16 * 1024 * 1024, heartbeat=WS_HEARTBEAT,
-                    compress=0, autoping=True,
+                    self.agent.url,
+                    max_msg_size=16 * 1024 * 1024,
+                    heartbeat=WS_HEARTBEAT,
+                    compress=0,
+                    autoping=True,
                 )
                 break
             except (aiohttp.ClientError, OSError) as exc:
@@ -224,8 +230,10 @@ class Daemon:
             agent = {
                 "pid": self.agent.pid,
                 "state": (
-                    f"exited ({code})" if code is not None
-                    else "connected" if self.tunnel is not None and not self.tunnel.ws.closed
+                    f"exited ({code})"
+                    if code is not None
+                    else "connected"
+                    if self.tunnel is not None and not self.tunnel.ws.closed
                     else "disconnected"
                 ),
                 "backend": self.agent.info.get("backend"),
@@ -332,8 +340,9 @@ class Daemon:
             reason = tunnel_task.result() if not tunnel_task.cancelled() else "cancelled"
             assert self.agent is not None
             if self.agent.exit_status() is not None:
-                log.error("the agent exited with code %s; ending the session",
-                          self.agent.exit_status())
+                log.error(
+                    "the agent exited with code %s; ending the session", self.agent.exit_status()
+                )
                 return
             log.warning("tunnel lost (%s); reconnecting", reason)
             self.state = "reconnecting"

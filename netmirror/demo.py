@@ -58,8 +58,10 @@ async def _serve(port: int, host: str, text: str) -> None:
         try:
             while True:
                 await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
@@ -91,20 +93,49 @@ def demo() -> int:
             box.destroy()  # left over from an interrupted run
         say(f"A sandbox pod: namespace {box.netns}, address {box.pod_ip}")
         box.create()
-        procs.append(start_server(box.cmd(*serve, "--port", str(POD_PORT), "--host", "0.0.0.0",
-                                           "--text", "hello from the deployed pod (v1)")))  # fmt: skip
+        procs.append(
+            start_server(
+                box.cmd(
+                    *serve,
+                    "--port",
+                    str(POD_PORT),
+                    "--host",
+                    "0.0.0.0",
+                    "--text",
+                    "hello from the deployed pod (v1)",
+                )
+            )
+        )
         url = f"http://{box.pod_ip}:{POD_PORT}/"
         run("curl", "-sS", "-m", "5", url)
 
         say(f"Your new version, running locally on 127.0.0.1:{LOCAL_PORT}")
-        procs.append(start_server([*serve, "--port", str(LOCAL_PORT), "--host", "127.0.0.1",
-                                   "--text", "hello from your machine (v2, not deployed)"]))  # fmt: skip
+        procs.append(
+            start_server(
+                [
+                    *serve,
+                    "--port",
+                    str(LOCAL_PORT),
+                    "--host",
+                    "127.0.0.1",
+                    "--text",
+                    "hello from your machine (v2, not deployed)",
+                ]
+            )
+        )
         run("curl", "-sS", "-m", "5", f"http://127.0.0.1:{LOCAL_PORT}/")
 
         say("Steal the pod's port 8080 into the local version")
         started = time.monotonic()
-        netmirror("up", "--target", box.target, "--steal", f"{POD_PORT}:{LOCAL_PORT}",
-                  "--session", SESSION)  # fmt: skip
+        netmirror(
+            "up",
+            "--target",
+            box.target,
+            "--steal",
+            f"{POD_PORT}:{LOCAL_PORT}",
+            "--session",
+            SESSION,
+        )
         print(f"(ready in {time.monotonic() - started:.2f}s)")
 
         say("Requests to the pod's address are now answered by your machine")
@@ -119,8 +150,9 @@ def demo() -> int:
         say("Put everything back")
         netmirror("down", "--session", SESSION)
         run("curl", "-sS", "-m", "5", url)
-        left = subprocess.run(box.cmd("iptables-save"), capture_output=True, text=True,
-                              check=False).stdout  # fmt: skip
+        left = subprocess.run(
+            box.cmd("iptables-save"), capture_output=True, text=True, check=False
+        ).stdout
         print("netmirror rules left in the pod:", "none" if "NETMIRROR" not in left else left)
         say("Done: the pod answers itself again")
         return 0
@@ -129,8 +161,12 @@ def demo() -> int:
         return 130
     finally:
         with contextlib.suppress(Exception):
-            subprocess.run([sys.executable, "-m", "netmirror", "down", "--session", SESSION],
-                           capture_output=True, check=False, timeout=60)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "netmirror", "down", "--session", SESSION],
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
         for proc in procs:
             proc.kill()
             proc.wait()
@@ -150,8 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_serve(args.port, args.host, args.text))
         return 0
     if os.geteuid() != 0:
-        print("the demo needs root (network namespaces and iptables): sudo make demo",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "the demo needs root (network namespaces and iptables): sudo make demo", file=sys.stderr
+        )
         return 1
     return demo()
 

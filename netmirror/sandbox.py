@@ -66,8 +66,12 @@ class Sandbox:
         try:
             netns.create(self.netns)
             with IPRoute() as ipr:
-                ipr.link("add", ifname=self.host_if, kind="veth",
-                         peer={"ifname": f"nmp-{self.name}", "net_ns_fd": self.netns})  # fmt: skip
+                ipr.link(
+                    "add",
+                    ifname=self.host_if,
+                    kind="veth",
+                    peer={"ifname": f"nmp-{self.name}", "net_ns_fd": self.netns},
+                )
                 (host,) = ipr.link_lookup(ifname=self.host_if)
                 ipr.addr("add", index=host, address=self.host_ip, prefixlen=24)
                 ipr.addr("add", index=host, address=self.host_ip6, prefixlen=64, flags=0x80)
@@ -92,8 +96,12 @@ class Sandbox:
         """Wait until no address is tentative: link-local DAD delays the first packets."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            host = subprocess.run(["ip", "-6", "addr", "show", "dev", self.host_if, "tentative"],
-                                  capture_output=True, text=True, check=False).stdout  # fmt: skip
+            host = subprocess.run(
+                ["ip", "-6", "addr", "show", "dev", self.host_if, "tentative"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
             pod = self.run("ip", "-6", "addr", "show", "tentative").stdout
             if not host.strip() and not pod.strip():
                 return
@@ -104,8 +112,9 @@ class Sandbox:
         from pyroute2 import IPRoute, netns
 
         if self.exists():
-            pids = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True,
-                                  text=True, check=False).stdout.split()  # fmt: skip
+            pids = subprocess.run(
+                ["ip", "netns", "pids", self.netns], capture_output=True, text=True, check=False
+            ).stdout.split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
@@ -125,7 +134,7 @@ class Sandbox:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         kwargs.setdefault("check", False)
-        return subprocess.run(self.cmd(*argv), **kwargs)  # noqa: PLW1510
+        return subprocess.run(self.cmd(*argv), **kwargs)
 
     def popen(self, *argv: str, **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start a command inside the namespace."""

@@ -87,8 +87,9 @@ class Target(abc.ABC):
 class LocalAgent(AgentHandle):
     """An agent running as a child process on this machine."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, socket_path: Path,
-                 info: dict[str, Any]) -> None:
+    def __init__(
+        self, proc: asyncio.subprocess.Process, socket_path: Path, info: dict[str, Any]
+    ) -> None:
         self._proc = proc
         self._socket = socket_path
         self.info = info
@@ -134,13 +135,20 @@ class LocalNamespaceTarget(Target):
     async def start_agent(self, settings: AgentSettings, *, log_file: IO[bytes]) -> AgentHandle:
         socket_path = settings.workdir / "agent.sock"
         cmd = [
-            sys.executable, "-m", "netmirror", "agent",
-            "--session", settings.session,
-            "--netns", str(self.netns_path),
-            "--listen", f"unix:{socket_path}",
-            "--ttl", str(settings.ttl),
+            sys.executable,
+            "-m",
+            "netmirror",
+            "agent",
+            "--session",
+            settings.session,
+            "--netns",
+            str(self.netns_path),
+            "--listen",
+            f"unix:{socket_path}",
+            "--ttl",
+            str(settings.ttl),
             "--token-stdin",
-        ]  # fmt: skip
+        ]
         if settings.debug:
             cmd.append("--debug")
         proc = await asyncio.create_subprocess_exec(
@@ -188,7 +196,11 @@ def resolve_target(spec: str) -> Target:
         path = NETNS_DIR / name
         if "/" in name or not path.exists():
             known = sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
-            hint = f" (known: {', '.join(known)})" if known else " (there are none; see `ip netns list`)"
+            hint = (
+                f" (known: {', '.join(known)})"
+                if known
+                else " (there are none; see `ip netns list`)"
+            )
             raise TargetError(f"network namespace {name!r} not found{hint}")
         return LocalNamespaceTarget(spec, path)
     if kind == "pid":
@@ -202,7 +214,6 @@ def resolve_target(spec: str) -> Target:
         return LocalNamespaceTarget(spec, path)
     if kind in KUBERNETES_KINDS:
         raise TargetError(
-            f"Kubernetes targets ({kind}/NAME) are not supported yet; "
-            "use netns/NAME or pid/PID"
+            f"Kubernetes targets ({kind}/NAME) are not supported yet; use netns/NAME or pid/PID"
         )
     raise TargetError(f"unknown target kind {kind!r} in {spec!r}; use netns/NAME or pid/PID")

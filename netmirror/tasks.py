@@ -31,8 +31,9 @@ class TaskSet:
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("task %s failed: %r", task.get_name(), task.exception(),
-                      exc_info=task.exception())
+            log.error(
+                "task %s failed: %r", task.get_name(), task.exception(), exc_info=task.exception()
+            )
 
     def __len__(self) -> int:
         return len(self._tasks)

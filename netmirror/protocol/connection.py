@@ -354,8 +354,7 @@ class Connection:
             if ftype == FrameType.DATA:
                 if length > limits.max_frame_size:
                     raise ProtocolError(
-                        f"DATA frame of {length} bytes exceeds the limit of "
-                        f"{limits.max_frame_size}"
+                        f"DATA frame of {length} bytes exceeds the limit of {limits.max_frame_size}"
                     )
             elif ftype in JSON_FRAMES:
                 if length > limits.max_control_size:
@@ -441,9 +440,7 @@ class Connection:
             raise ProtocolError(f"malformed {ftype.name} frame: window or max_frame out of range")
         if self.role is Role.AGENT:
             token = body.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(
-                token.encode(), self._token
-            ):
+            if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
                 raise AuthenticationError("authentication failed: wrong or missing token")
             session = field(body, "session", str, ftype)
             if self.session and session != self.session:

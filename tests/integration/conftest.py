@@ -75,23 +75,41 @@ class Env:
         env["PYTHONPATH"] = str(REPO)
         return env
 
-    def netmirror(self, *args: str, timeout: float = 60, check: bool = False,
-                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def netmirror(
+        self,
+        *args: str,
+        timeout: float = 60,
+        check: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real CLI as a user would."""
         result = subprocess.run(
-            [sys.executable, "-m", "netmirror", *args], capture_output=True, text=True,
-            timeout=timeout, env=env or self.env, check=False,
-        )  # fmt: skip
+            [sys.executable, "-m", "netmirror", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.env,
+            check=False,
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"netmirror {' '.join(args)} failed: {result.stderr}")
         return result
 
     def up(self, *args: str, session: str = "t1") -> subprocess.CompletedProcess[str]:
-        return self.netmirror("up", "--target", self.sandbox.target, "--session", session,
-                              *args, check=True)  # fmt: skip
+        return self.netmirror(
+            "up", "--target", self.sandbox.target, "--session", session, *args, check=True
+        )
 
-    def server(self, kind: str, port: int, *, in_pod: bool, tag: str = "",
-               host: str | None = None, text: str = "") -> subprocess.Popen[bytes]:
+    def server(
+        self,
+        kind: str,
+        port: int,
+        *,
+        in_pod: bool,
+        tag: str = "",
+        host: str | None = None,
+        text: str = "",
+    ) -> subprocess.Popen[bytes]:
         """Start a test server in the pod or on the host (loopback)."""
         argv = [sys.executable, str(SERVERS), kind, "--port", str(port)]
         argv += ["--host", host or ("::" if in_pod else "127.0.0.1")]
@@ -108,8 +126,12 @@ class Env:
     def chains(self) -> str:
         """netmirror's iptables rules in the pod (both backends, both families)."""
         out = []
-        for tool in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save",
-                     "ip6tables-legacy-save"):  # fmt: skip
+        for tool in (
+            "iptables-nft-save",
+            "ip6tables-nft-save",
+            "iptables-legacy-save",
+            "ip6tables-legacy-save",
+        ):
             if shutil.which(tool):
                 res = self.sandbox.run(tool)
                 out += [line for line in res.stdout.splitlines() if "NETMIRROR" in line]

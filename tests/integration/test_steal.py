@@ -22,8 +22,9 @@ POD_PORT = 8080
 
 
 def curl(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "-m", "5", *extra, url], capture_output=True,
-                          text=True, check=False)  # fmt: skip
+    return subprocess.run(
+        ["curl", "-sS", "-m", "5", *extra, url], capture_output=True, text=True, check=False
+    )
 
 
 def status(env: Env) -> dict:  # type: ignore[type-arg]
@@ -82,10 +83,12 @@ def test_large_payloads_both_ways_many_connections(env: Env) -> None:
     sizes = [(rng.randrange(0, 4 << 20), rng.randrange(0, 4 << 20)) for _ in range(40)]
 
     async def run_all() -> list:  # type: ignore[type-arg]
-        return await asyncio.gather(*(
-            sha_exchange(env.sandbox.pod_ip, POD_PORT, up=up, down=down, timeout=120)
-            for up, down in sizes
-        ))  # fmt: skip
+        return await asyncio.gather(
+            *(
+                sha_exchange(env.sandbox.pod_ip, POD_PORT, up=up, down=down, timeout=120)
+                for up, down in sizes
+            )
+        )
 
     results = asyncio.run(run_all())
     assert [r.tag for r in results] == ["local"] * len(sizes)
@@ -141,8 +144,15 @@ def test_same_port_twice_is_refused(env: Env) -> None:
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
     env.up("--steal", f"{POD_PORT}:{local}", session="first")
-    again = env.netmirror("up", "--target", env.sandbox.target, "--session", "second",
-                          "--steal", f"{POD_PORT}:{local}")  # fmt: skip
+    again = env.netmirror(
+        "up",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        "second",
+        "--steal",
+        f"{POD_PORT}:{local}",
+    )
     assert again.returncode != 0
     assert "already taken by session 'first'" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
@@ -150,8 +160,16 @@ def test_same_port_twice_is_refused(env: Env) -> None:
     # A second user with its own state directory is refused by the agent itself,
     # which sees the live session's rules in the namespace.
     other = env.env | {"NETMIRROR_STATE_DIR": str(env.state_dir) + "-other"}
-    foreign = env.netmirror("up", "--target", env.sandbox.target, "--session", "second",
-                            "--steal", f"{POD_PORT}:{local}", env=other)  # fmt: skip
+    foreign = env.netmirror(
+        "up",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        "second",
+        "--steal",
+        f"{POD_PORT}:{local}",
+        env=other,
+    )
     assert foreign.returncode != 0
     assert "already stolen by session 'first'" in foreign.stderr
     assert not os.path.exists(str(env.state_dir) + "-other/second")
@@ -168,20 +186,34 @@ def test_pid_target(env: Env) -> None:
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
     # The server's own pid (ip netns exec execs it, so the pid is the server's).
-    result = env.netmirror("up", "--target", f"pid/{pod.pid}", "--session", "bypid",
-                           "--steal", f"{POD_PORT}:{local}", check=True)  # fmt: skip
+    result = env.netmirror(
+        "up",
+        "--target",
+        f"pid/{pod.pid}",
+        "--session",
+        "bypid",
+        "--steal",
+        f"{POD_PORT}:{local}",
+        check=True,
+    )
     assert "pid/" in result.stdout
     assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/").stdout == "local\n"
 
 
 def test_failures_are_one_line_and_leave_nothing(env: Env) -> None:
     cases = [
-        (["--target", "netns/does-not-exist", "--steal", "80"], "network namespace 'does-not-exist' not found"),
+        (
+            ["--target", "netns/does-not-exist", "--steal", "80"],
+            "network namespace 'does-not-exist' not found",
+        ),
         (["--target", env.sandbox.target, "--mirror", "80"], "mirror mode is not supported yet"),
-        (["--target", env.sandbox.target, "--steal", "eighty"], "--steal: 'eighty' is not REMOTE[:LOCAL]"),
+        (
+            ["--target", env.sandbox.target, "--steal", "eighty"],
+            "--steal: 'eighty' is not REMOTE[:LOCAL]",
+        ),
         (["--target", env.sandbox.target], "no ports to take"),
         (["--target", "pod/web", "--steal", "80"], "Kubernetes targets"),
-    ]  # fmt: skip
+    ]
     for args, message in cases:
         result = env.netmirror("up", *args)
         assert result.returncode != 0, args

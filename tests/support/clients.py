@@ -19,7 +19,9 @@ class Exchange:
     downloaded: int
 
 
-async def sha_exchange(host: str, port: int, *, up: int, down: int, timeout: float = 60) -> Exchange:
+async def sha_exchange(
+    host: str, port: int, *, up: int, down: int, timeout: float = 60
+) -> Exchange:
     """Send ``up`` random bytes, half-close, receive ``down`` bytes; verify both digests."""
 
     async def run() -> Exchange:

@@ -22,7 +22,9 @@ import struct
 import sys
 
 
-async def sha_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tag: bytes) -> None:
+async def sha_handler(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tag: bytes
+) -> None:
     try:
         writer.write(tag.ljust(8, b"\0")[:8])
         head = await reader.readexactly(8)
@@ -60,7 +62,9 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         writer.close()
 
 
-async def http_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: bytes) -> None:
+async def http_handler(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, text: bytes
+) -> None:
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -70,8 +74,10 @@ async def http_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                     length = int(line.split(b":", 1)[1])
             if length:
                 await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-                         % (len(text), text))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(text), text)
+            )
             await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         pass
