@@ -53,6 +53,9 @@ def test_steal_http_from_outside_and_back(env: Env) -> None:
     assert port["connections_total"] == 4 and port["errors"] == 0
     assert port["bytes_in"] > 0 and port["bytes_out"] >= 4 * len("local v2\n")
     assert "NETMIRROR-t1" in env.chains()
+    logs = env.netmirror("logs", "--session", "t1", check=True).stdout
+    assert "[t1 agent]" in logs and f"stealing port {POD_PORT}" in logs
+    assert "[t1 daemon]" in logs
 
     down = env.netmirror("down", "--session", "t1", check=True)
     assert "is down" in down.stdout
