@@ -115,6 +115,7 @@ class Connection:
         self._token = token.encode()
         self._info = info or {}
         self._inbuf = bytearray()
+        self._need = 0  # bytes the buffered, incomplete frame needs in all
         self._out: list[bytes | memoryview] = []
         self._out_size = 0
         self._events: list[ev.Event] = []
@@ -217,6 +218,9 @@ class Connection:
         if size <= 0:
             return 0
         view = memoryview(data)
+        if not view.readonly:
+            # Zero-copy only for immutable buffers: a caller may reuse a bytearray.
+            view = memoryview(view[:size].tobytes())
         step = self._peer_max_frame
         pack = HEADER.pack
         for start in range(0, size, step):
@@ -266,6 +270,8 @@ class Connection:
 
     def ping(self, payload: int) -> None:
         """Ask the peer for a pong carrying ``payload``."""
+        if self.state is State.CLOSED:
+            return
         self._queue(HEADER.pack(FrameType.PING, 0, 8), PING.pack(payload))
 
     def subscribe(self, port: int, mode: str, options: dict[str, Any] | None = None) -> int:
@@ -292,7 +298,7 @@ class Connection:
         kind = self._pending_subs.pop(request_id, None)
         if ok and kind == FrameType.SUBSCRIBE:
             self._subscribed.add(port)
-        elif kind == FrameType.UNSUBSCRIBE:
+        elif ok and kind == FrameType.UNSUBSCRIBE:
             self._subscribed.discard(port)
         self._send_json(
             FrameType.SUBSCRIBED,
@@ -304,7 +310,13 @@ class Connection:
         """Report a fatal error to the peer and close the tunnel."""
         if self.state is not State.CLOSED:
             self._send_json(FrameType.ERROR, 0, {"code": code, "message": message[:MAX_REASON]})
-            self.state = State.CLOSED
+            self._close()
+
+    def _close(self) -> None:
+        """No stream survives a closed tunnel, and nothing more is queued."""
+        self.state = State.CLOSED
+        self._streams.clear()
+        self._inbuf.clear()
 
     def _new_request(self) -> int:
         self._require_open()
@@ -341,10 +353,13 @@ class Connection:
         buf = self._inbuf
         if buf:
             buf += data
+            if len(buf) < self._need:
+                return  # the pending frame is still incomplete: do not copy it again
             view = memoryview(bytes(buf))
             buf.clear()
         else:
             view = memoryview(data)
+        self._need = 0
         total = len(view)
         offset = 0
         unpack = HEADER.unpack_from
@@ -367,6 +382,7 @@ class Connection:
                 raise ProtocolError(f"frame type {ftype} of {length} bytes is too large")
             end = offset + HEADER_SIZE + length
             if end > total:
+                self._need = end - offset
                 break
             payload = view[offset + HEADER_SIZE : end]
             offset = end
@@ -374,6 +390,8 @@ class Connection:
                 self._on_data(stream_id, payload)
             else:
                 self._on_frame(ftype, stream_id, bytes(payload))
+                if self.state is State.CLOSED:
+                    return  # the peer's ERROR ends the tunnel: ignore what follows
         if offset < total:
             buf += view[offset:]
 
@@ -440,7 +458,11 @@ class Connection:
             raise ProtocolError(f"malformed {ftype.name} frame: window or max_frame out of range")
         if self.role is Role.AGENT:
             token = body.get("token")
-            if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
+            # surrogatepass: a JSON token may hold lone surrogates; it must still
+            # compare (unequal) rather than fail to encode.
+            if not isinstance(token, str) or not hmac.compare_digest(
+                token.encode("utf-8", "surrogatepass"), self._token
+            ):
                 raise AuthenticationError("authentication failed: wrong or missing token")
             session = field(body, "session", str, ftype)
             if self.session and session != self.session:
@@ -541,11 +563,11 @@ class Connection:
         message = body.get("message")
         self._events.append(
             ev.ErrorReceived(
-                str(code)[:64] if code is not None else "unknown",
-                str(message)[:MAX_REASON] if message is not None else "",
+                code[:64] if isinstance(code, str) else "unknown",
+                message[:MAX_REASON] if isinstance(message, str) else "",
             )
         )
-        self.state = State.CLOSED
+        self._close()
 
     def _on_subscribe(self, ftype: FrameType, stream_id: int, payload: bytes) -> None:
         self._check_control(ftype, stream_id, Role.AGENT)
@@ -561,7 +583,8 @@ class Connection:
         if mode not in MODES:
             self._reply(request_id, port, f"unknown mode {mode[:20]!r}")
             return
-        if len(self._subscribed) + len(self._pending_subs) >= self.limits.max_subscriptions:
+        held = len(self._subscribed) + len(self._pending_subs)
+        if port not in self._subscribed and held >= self.limits.max_subscriptions:
             self._reply(
                 request_id,
                 port,

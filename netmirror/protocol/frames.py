@@ -81,6 +81,8 @@ def decode_json(ftype: FrameType, payload: bytes) -> dict[str, Any]:
         body = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"malformed {ftype.name} frame: not JSON ({exc})") from None
+    except RecursionError:
+        raise ProtocolError(f"malformed {ftype.name} frame: JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"malformed {ftype.name} frame: not a JSON object")
     return body
@@ -91,8 +93,10 @@ def field(body: dict[str, Any], name: str, kind: type, ftype: FrameType) -> Any:
     value = body.get(name)
     # bool is an int subclass; a port of `true` is still wrong.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        # The type's name, not a repr: a hostile value may be huge or nested deeply.
         raise ProtocolError(
-            f"malformed {ftype.name} frame: {name!r} must be {kind.__name__}, got {value!r:.40}"
+            f"malformed {ftype.name} frame: {name!r} must be {kind.__name__}, "
+            f"not {type(value).__name__}"
         )
     return value
 
