@@ -46,6 +46,8 @@ __all__ = [
     "ENV_SESSION",
     "ENV_TARGET",
     "AgentConfig",
+    "MirrorConfig",
+    "PcapConfig",
     "Config",
     "Mode",
     "Overrides",
@@ -158,6 +160,45 @@ Port = Annotated[
 Seconds = Annotated[float, _reject_bool("is not a number")]
 
 
+MirrorMethod = Literal["capture", "passthrough"]
+
+
+class MirrorConfig(BaseModel):
+    """How a mirrored port is copied."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: MirrorMethod = Field(
+        default="capture",
+        description="'capture' reads a copy of the packets inside the target (no rule in "
+        "the traffic path: the target is unaffected even if netmirror dies); "
+        "'passthrough' redirects the port through the agent, which relays to the "
+        "original server and copies the client's bytes (lossless while the local "
+        "process keeps up; the server sees the agent's address as the client).",
+    )
+
+
+class PcapConfig(BaseModel):
+    """Where to save the captured packets of mirrored ports."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Annotated[str, AfterValidator(lambda v: _check_path(v))] = Field(
+        description="pcap file written on this machine (Wireshark and tcpdump open it).",
+    )
+    max_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=4096,
+        description="Size at which the file stops growing; netmirror status says so.",
+    )
+
+
+def _check_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
 class PortConfig(BaseModel):
     """One TCP port of the target and what to do with its traffic."""
 
@@ -181,6 +222,10 @@ class PortConfig(BaseModel):
     local_host: Annotated[str, AfterValidator(_check_local_host)] = Field(
         default="127.0.0.1",
         description="IP address or host name the local process listens on, without a port.",
+    )
+    mirror: MirrorConfig = Field(
+        default_factory=MirrorConfig,
+        description="How the port is copied when mode is 'mirror'.",
     )
 
     @property
@@ -247,6 +292,10 @@ class Config(BaseModel):
         default_factory=AgentConfig,
         description="Settings of the agent that runs inside the target.",
     )
+    pcap: PcapConfig | None = Field(
+        default=None,
+        description="Save what the capture method sees on mirrored ports to a pcap file.",
+    )
 
     @field_validator("target")
     @classmethod
@@ -292,7 +341,8 @@ class Config(BaseModel):
 # ---------------------------------------------------------------- error messages
 
 _MODELS: dict[str, type[BaseModel]] = {
-    model.__name__: model for model in (Config, PortConfig, AgentConfig)
+    model.__name__: model
+    for model in (Config, PortConfig, AgentConfig, MirrorConfig, PcapConfig)
 }
 
 _TYPE_TEXTS: dict[str, str] = {
@@ -597,6 +647,10 @@ class Overrides:
     mirror: Sequence[str] = ()
     """``REMOTE[:LOCAL]`` specs of ``--mirror`` flags."""
     agent_image: str | None = None
+    mirror_method: str | None = None
+    """``--mirror-method``: applies to the ports named by ``--mirror``."""
+    pcap: str | None = None
+    """``--pcap FILE``."""
 
 
 def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides) -> Config:
@@ -666,6 +720,15 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
                 index_of[remote] = len(ports)
                 origins[("ports", len(ports))] = flag
                 ports.append({"remote": remote, "mode": mode, "local": local})
+            if mode == "mirror" and flags.mirror_method is not None:
+                index = index_of[remote]
+                ports[index]["mirror"] = {"method": flags.mirror_method}
+                origins[("ports", index, "mirror", "method")] = "--mirror-method"
+
+    if flags.pcap is not None:
+        pcap = data.get("pcap") or {}
+        data["pcap"] = {**pcap, "path": flags.pcap}
+        origins[("pcap", "path")] = "--pcap"
 
     def locate(loc: tuple[int | str, ...]) -> tuple[str | None, tuple[int | str, ...]]:
         # The most specific recorded origin wins; a variable or flag sets exactly
@@ -736,6 +799,10 @@ def dump_example() -> str:
         "    local_host: 127.0.0.1",
         "  - remote: 9090",
         "    mode: mirror",
+        *_comment(PortConfig, "mirror", "    "),
+        "    mirror:",
+        *_comment(MirrorConfig, "method", "      "),
+        "      method: capture",
         "  - remote: 5432",
         '    mode: "off"',
         "",
@@ -747,5 +814,12 @@ def dump_example() -> str:
         f"  ttl: {_scalar(agent.ttl)}",
         *_comment(AgentConfig, "ready_timeout", "  "),
         f"  ready_timeout: {_scalar(agent.ready_timeout)}",
+        "",
+        *_comment(Config, "pcap", ""),
+        "pcap:",
+        *_comment(PcapConfig, "path", "  "),
+        "  path: mirror.pcap",
+        *_comment(PcapConfig, "max_bytes", "  "),
+        "  max_bytes: 104857600",
     ]
     return "\n".join(lines) + "\n"

@@ -109,7 +109,7 @@ def test_config_error_is_a_netmirror_error() -> None:
         ),
         (
             {"ports": [{"remote": 80, "lcoal": 3000}]},
-            "ports[0].lcoal: unknown key (expected one of remote, mode, local, local_host)",
+            "ports[0].lcoal: unknown key (expected one of remote, mode, local, local_host, mirror)",
         ),
         ({"ports": [{"mode": "steal"}]}, "ports[0]: missing key 'remote'"),
         ({"agent": {"ttl": "abc"}}, "agent.ttl: 'abc' is not a number"),
@@ -124,7 +124,7 @@ def test_config_error_is_a_netmirror_error() -> None:
         ),
         (
             {"tagret": "netns/x"},
-            "tagret: unknown key (expected one of target, session, ports, agent)",
+            "tagret: unknown key (expected one of target, session, ports, agent, pcap)",
         ),
         (
             {"agent": {"imgae": "x"}},
@@ -177,7 +177,7 @@ def test_config_error_is_a_netmirror_error() -> None:
         # Keys that are not plain names are quoted, so the path stays one unambiguous line.
         (
             {"ports": [{"remote": 80, "odd key\n": 1}]},
-            "ports[0]['odd key\\n']: unknown key (expected one of remote, mode, local, local_host)",
+            "ports[0]['odd key\\n']: unknown key (expected one of remote, mode, local, local_host, mirror)",
         ),
     ],
 )
@@ -200,7 +200,7 @@ def test_format_validation_error_works_on_a_single_model() -> None:
     with pytest.raises(ValidationError) as caught:
         PortConfig.model_validate({"remote": 80, "lcoal": 1})
     assert format_validation_error(caught.value, source="x") == (
-        "x: lcoal: unknown key (expected one of remote, mode, local, local_host)"
+        "x: lcoal: unknown key (expected one of remote, mode, local, local_host, mirror)"
     )
 
 
@@ -619,9 +619,9 @@ def test_json_schema() -> None:
     assert schema["title"] == "netmirror configuration"
     assert schema["type"] == "object"
     assert schema["additionalProperties"] is False
-    assert list(schema["properties"]) == ["target", "session", "ports", "agent"]
+    assert list(schema["properties"]) == ["target", "session", "ports", "agent", "pcap"]
     port = schema["$defs"]["PortConfig"]
-    assert list(port["properties"]) == ["remote", "mode", "local", "local_host"]
+    assert list(port["properties"]) == ["remote", "mode", "local", "local_host", "mirror"]
     assert port["required"] == ["remote"]
     assert port["properties"]["remote"]["minimum"] == 1
     assert port["properties"]["remote"]["maximum"] == 65535
