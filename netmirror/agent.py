@@ -20,6 +20,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +28,7 @@ from typing import Any, cast
 from aiohttp import web
 
 from netmirror import __version__
-from netmirror.errors import NetmirrorError, PortInUseError, ProtocolError
+from netmirror.errors import AgentError, NetmirrorError, PortInUseError, ProtocolError
 from netmirror.firewall import (
     Backend,
     Guard,
@@ -38,6 +39,7 @@ from netmirror.firewall import (
     list_sessions,
     session_alive,
 )
+from netmirror.mirror import CaptureMirror, MirrorCounters, PassthroughBridge
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
 from netmirror.tasks import TaskSet
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, same value for IP6T_SO_ORIGINAL_DST
 HANDSHAKE_TIMEOUT = 10.0
+TICK = 0.25
 WS_HEARTBEAT = 10.0
 
 
@@ -89,9 +92,12 @@ class Subscription:
 
     port: int
     mode: str
+    method: str = ""
+    """For mirror: capture or passthrough."""
     servers: dict[int, asyncio.AbstractServer] = field(default_factory=dict)
     to_ports: dict[int, int] = field(default_factory=dict)
     stats: PortStats = field(default_factory=PortStats)
+    counters: MirrorCounters = field(default_factory=MirrorCounters)
 
     def redirects(self) -> list[Redirect]:
         return [Redirect(self.port, to_port, family) for family, to_port in self.to_ports.items()]
@@ -171,6 +177,7 @@ class Agent:
         self.limits = limits or Limits()
         self.tunnel: Tunnel | None = None
         self.subs: dict[int, Subscription] = {}
+        self.capture: CaptureMirror | None = None
         self.tasks = TaskSet("agent")
         self._fw_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -212,6 +219,8 @@ class Agent:
         if self.tunnel is tunnel:
             self.tunnel = None
             self._detached_since = time.monotonic()
+            if self.capture is not None:
+                self.capture.tunnel_lost()
             log.info(
                 "daemon disconnected (%s); keeping the rules for %.0fs", reason, self.options.ttl
             )
@@ -261,36 +270,80 @@ class Agent:
         tunnel.kick()
 
     async def _subscribe(self, req: ev.SubscribeRequested) -> None:
-        if req.mode != "steal":
+        method = ""
+        if req.mode == "mirror":
+            method = str(req.options.get("method", "capture"))
+            if method not in ("capture", "passthrough"):
+                self._answer(
+                    req.request_id,
+                    req.port,
+                    ok=False,
+                    error=f"unknown mirror method {method[:20]!r}",
+                )
+                return
+        held = self.subs.get(req.port)
+        if held is not None:
+            same = held.mode == req.mode and held.method == method
             self._answer(
-                req.request_id, req.port, ok=False, error=f"{req.mode} mode is not supported yet"
+                req.request_id,
+                req.port,
+                ok=same,
+                error=""
+                if same
+                else f"port {req.port} is already taken in {held.mode} mode by this session",
             )
-            return
-        if req.port in self.subs:
-            self._answer(req.request_id, req.port, ok=True)
             return
         try:
             async with self._fw_lock:
-                await asyncio.to_thread(self._check_port_free, req.port)
-                sub = await self._listen(req.port, req.mode)
-                self.subs[req.port] = sub
-                try:
-                    await self._apply_rules()
-                except NetmirrorError:
-                    del self.subs[req.port]
-                    sub.close()
-                    raise
+                if method == "capture":
+                    sub = Subscription(req.port, req.mode, method)
+                    self.subs[req.port] = sub
+                    try:
+                        await asyncio.to_thread(self._compile_check)
+                        self._capture_mirror().add(sub, pcap_enabled=bool(req.options.get("pcap")))
+                    except (NetmirrorError, OSError) as exc:
+                        del self.subs[req.port]
+                        raise AgentError(f"cannot capture port {req.port}: {exc}") from None
+                else:
+                    await asyncio.to_thread(self._check_port_free, req.port)
+                    sub = await self._listen(req.port, req.mode, method)
+                    self.subs[req.port] = sub
+                    try:
+                        await self._apply_rules()
+                    except NetmirrorError:
+                        del self.subs[req.port]
+                        sub.close()
+                        raise
         except NetmirrorError as exc:
             log.warning("cannot take port %d: %s", req.port, exc)
             self._answer(req.request_id, req.port, ok=False, error=str(exc))
             return
-        log.info("stealing port %d (redirected to %s)", req.port, sub.to_ports)
+        if method:
+            log.info("mirroring port %d by %s", req.port, method)
+        else:
+            log.info("stealing port %d (redirected to %s)", req.port, sub.to_ports)
         self._answer(req.request_id, req.port, ok=True)
+
+    def _capture_mirror(self) -> CaptureMirror:
+        if self.capture is None:
+            self.capture = CaptureMirror(self)
+        return self.capture
+
+    @staticmethod
+    def _compile_check() -> None:
+        """Load the filter compiler off the event loop (the first import is slow)."""
+        from netmirror.capture import bpf
+
+        bpf.compile_ports([1])
 
     async def _unsubscribe(self, req: ev.UnsubscribeRequested) -> None:
         async with self._fw_lock:
             sub = self.subs.pop(req.port, None)
-            if sub is not None:
+            if sub is not None and sub.method == "capture":
+                if self.capture is not None:
+                    self.capture.remove(req.port)
+                log.info("stopped mirroring port %d", req.port)
+            elif sub is not None:
                 try:
                     await self._apply_rules()
                 except NetmirrorError as exc:
@@ -305,8 +358,13 @@ class Agent:
             if other != self.session and port in ports and session_alive(other):
                 raise PortInUseError(f"port {port} is already stolen by session {other!r}")
 
-    async def _listen(self, port: int, mode: str) -> Subscription:
-        sub = Subscription(port, mode)
+    async def _listen(self, port: int, mode: str, method: str = "") -> Subscription:
+        sub = Subscription(port, mode, method)
+        factory: Callable[[], asyncio.Protocol]
+        if method == "passthrough":
+            factory = functools.partial(PassthroughBridge, self, sub, sub.counters)
+        else:
+            factory = functools.partial(InboundBridge, self, sub)
         loop = asyncio.get_running_loop()
         families = [(4, socket.AF_INET, "0.0.0.0")]
         if self._ipv6:
@@ -319,9 +377,7 @@ class Agent:
                 sock.bind((host, 0))
                 sock.listen(4096)
                 sock.setblocking(False)
-                server = await loop.create_server(
-                    functools.partial(InboundBridge, self, sub), sock=sock, backlog=4096
-                )
+                server = await loop.create_server(factory, sock=sock, backlog=4096)
             except OSError:
                 sock.close()
                 sub.close()
@@ -331,14 +387,35 @@ class Agent:
         return sub
 
     async def _apply_rules(self) -> None:
-        redirects = [r for sub in self.subs.values() for r in sub.redirects()]
+        redirects = [r for sub in list(self.subs.values()) for r in sub.redirects()]
         plan = self.firewall.plan(redirects)
         await asyncio.to_thread(self.firewall.apply, plan)
 
     # --- life --------------------------------------------------------------------
 
-    def status(self) -> dict[int, Any]:
-        return {port: sub.stats.as_dict() for port, sub in self.subs.items()}
+    def report(self) -> dict[str, Any]:
+        """Counters only the agent knows, sent to the daemon as STATS."""
+        ports = {str(port): sub.counters.as_dict() for port, sub in self.subs.items() if sub.method}
+        capture = self.capture.stats() if self.capture is not None else None
+        return {"ports": ports, "capture": capture}
+
+    async def _ticker(self) -> None:
+        """Gap timeouts of the capture, and counters to the daemon once a second."""
+        last_report = 0.0
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            if self.capture is not None:
+                self.capture.tick(now)
+            tunnel = self.tunnel
+            if (
+                tunnel is not None
+                and now - last_report >= 1.0
+                and any(sub.method for sub in self.subs.values())
+            ):
+                last_report = now
+                tunnel.conn.report_stats(self.report())
+                tunnel.kick()
 
     async def run(self, ready: dict[str, Any]) -> None:
         """Serve until stopped or until no daemon was attached for ``ttl`` seconds."""
@@ -364,6 +441,7 @@ class Agent:
             host, _, port = where.rpartition(":")
             site = web.TCPSite(runner, host or "127.0.0.1", int(port))
             await site.start()
+        self.tasks.spawn(self._ticker(), name="ticker")
         ready["listen"] = self.options.listen
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.flush()
@@ -382,6 +460,8 @@ class Agent:
                 await self.tunnel.close()
             for sub in self.subs.values():
                 sub.close()
+            if self.capture is not None:
+                self.capture.stop()
             async with self._fw_lock:
                 self.subs.clear()
                 await asyncio.to_thread(self.firewall.teardown)

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from netmirror import __version__
 from netmirror.config import Config, Overrides, build_config, json_schema, load_file, parse_config
@@ -122,8 +122,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             steal=args.steal or (),
             mirror=args.mirror or (),
             agent_image=args.agent_image,
+            mirror_method=args.mirror_method,
+            pcap=args.pcap,
         ),
     )
+    if config.pcap is not None:
+        # The daemon runs elsewhere (cwd /): a relative path means the user's cwd.
+        absolute = str(Path(config.pcap.path).expanduser().resolve())
+        config = config.model_copy(
+            update={"pcap": config.pcap.model_copy(update={"path": absolute})}
+        )
     if not config.target:
         raise ConfigError("no target: pass --target KIND/NAME (e.g. netns/pod1) or set target:")
     if not config.active_ports():
@@ -424,8 +432,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 # --- parser -----------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"netmirror: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="netmirror",
         description="Steal or mirror the TCP traffic of a target into a local process.",
     )
@@ -448,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REMOTE[:LOCAL]",
         help="send a copy of REMOTE's traffic to 127.0.0.1:LOCAL (repeatable)",
     )
+    up.add_argument(
+        "--mirror-method",
+        choices=["capture", "passthrough"],
+        help="how --mirror ports are copied (default capture: packet capture, nothing in "
+        "the traffic path; passthrough: relayed through the agent)",
+    )
+    up.add_argument("--pcap", metavar="FILE", help="save the mirrored ports' packets here")
     up.add_argument("--session", "-s", help="session name (default: from the target)")
     up.add_argument("--agent-image", help="agent container image (Kubernetes targets)")
     up.add_argument("--timeout", type=float, help="seconds to wait until ready")

@@ -46,11 +46,11 @@ __all__ = [
     "ENV_SESSION",
     "ENV_TARGET",
     "AgentConfig",
-    "MirrorConfig",
-    "PcapConfig",
     "Config",
+    "MirrorConfig",
     "Mode",
     "Overrides",
+    "PcapConfig",
     "PortConfig",
     "build_config",
     "dump_example",
@@ -341,8 +341,7 @@ class Config(BaseModel):
 # ---------------------------------------------------------------- error messages
 
 _MODELS: dict[str, type[BaseModel]] = {
-    model.__name__: model
-    for model in (Config, PortConfig, AgentConfig, MirrorConfig, PcapConfig)
+    model.__name__: model for model in (Config, PortConfig, AgentConfig, MirrorConfig, PcapConfig)
 }
 
 _TYPE_TEXTS: dict[str, str] = {

@@ -16,6 +16,7 @@ import os
 import secrets
 import signal
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import aiohttp
@@ -23,6 +24,7 @@ import aiohttp
 from netmirror import __version__
 from netmirror.config import Config, PortConfig
 from netmirror.errors import AgentError, NetmirrorError
+from netmirror.pcapfile import PcapSink, PcapWriter
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
 from netmirror.state import SessionDir, SessionRecord
@@ -97,6 +99,8 @@ class Daemon:
         self._welcomed: asyncio.Future[ev.Welcomed] | None = None
         self._answers: dict[int, asyncio.Future[ev.SubscriptionAnswered]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self.agent_stats: dict[str, Any] = {}
+        self.pcap: PcapWriter | None = None
 
     # --- tunnel events -----------------------------------------------------------
 
@@ -107,6 +111,8 @@ class Daemon:
             future = self._answers.pop(event.request_id, None)
             if future is not None and not future.done():
                 future.set_result(event)
+        elif isinstance(event, ev.StatsReported):
+            self.agent_stats = event.stats
         elif isinstance(event, ev.Welcomed):
             if self._welcomed is not None and not self._welcomed.done():
                 self._welcomed.set_result(event)
@@ -118,13 +124,26 @@ class Daemon:
     def _open_local(self, event: ev.StreamOpened) -> None:
         tunnel = self.tunnel
         assert tunnel is not None
+        if event.info.get("kind") == "pcap":
+            if self.pcap is None:
+                tunnel.conn.reset(event.stream_id, "no pcap file was asked for")
+            else:
+                tunnel.attach(PcapSink(tunnel, event.stream_id, self.pcap))
+            tunnel.kick()
+            return
         port = self.ports.get(event.port)
         if port is None:
             tunnel.conn.reset(event.stream_id, f"port {event.port} is not subscribed")
             tunnel.kick()
             return
         stats = self.stats[event.port]
-        bridge = StreamBridge(tunnel, stats, inbound=True, stream_id=event.stream_id)
+        bridge = StreamBridge(
+            tunnel,
+            stats,
+            inbound=True,
+            stream_id=event.stream_id,
+            discard_replies=bool(event.info.get("mirror")),
+        )
         tunnel.attach(bridge)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -192,7 +211,10 @@ class Daemon:
             self.progress.step(
                 f"taking port {remote} ({port.mode} -> {port.local_host}:{port.local_port})"
             )
-            request_id = tunnel.conn.subscribe(remote, port.mode)
+            options: dict[str, Any] = {}
+            if port.mode == "mirror":
+                options = {"method": port.mirror.method, "pcap": self.pcap is not None}
+            request_id = tunnel.conn.subscribe(remote, port.mode, options)
             future: asyncio.Future[ev.SubscriptionAnswered] = loop.create_future()
             self._answers[request_id] = future
             tunnel.kick()
@@ -249,6 +271,9 @@ class Daemon:
             }
             if port.remote in self.stats:
                 entry.update(self.stats[port.remote].as_dict())
+            if port.mode == "mirror":
+                entry["method"] = port.mirror.method
+                entry["mirror"] = self.agent_stats.get("ports", {}).get(str(port.remote), {})
             ports.append(entry)
         return {
             "session": self.record.name,
@@ -260,6 +285,8 @@ class Daemon:
             "reconnects": self.reconnects,
             "agent": agent,
             "ports": ports,
+            "capture": self.agent_stats.get("capture"),
+            "pcap": self.pcap.status() if self.pcap is not None else None,
         }
 
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -313,6 +340,8 @@ class Daemon:
 
     async def _start(self) -> asyncio.Task[str]:
         target = resolve_target(self.record.target)
+        if self.config.pcap is not None:
+            self.pcap = PcapWriter(Path(self.config.pcap.path), self.config.pcap.max_bytes)
         self.progress.step(f"starting the agent in {target.describe()}")
         settings = AgentSettings(
             session=self.record.name,
@@ -385,6 +414,8 @@ class Daemon:
         await self.tasks.close()
         if self._session is not None:
             await self._session.close()
+        if self.pcap is not None:
+            self.pcap.close()
 
 
 def run(session: str, *, ready_fd: int | None, debug: bool = False) -> int:

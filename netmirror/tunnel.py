@@ -13,7 +13,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiohttp
 from aiohttp import web
@@ -78,6 +78,20 @@ def abort_with_reset(transport: asyncio.Transport | None) -> None:
     transport.abort()
 
 
+class Endpoint(Protocol):
+    """What the tunnel dispatches a stream's events to."""
+
+    stream_id: int
+    stats: PortStats
+
+    def on_data(self, data: bytes) -> None: ...
+    def on_credit(self) -> None: ...
+    def on_half_closed(self) -> None: ...
+    def on_reset(self, reason: str) -> None: ...
+    def pause_for_output(self) -> None: ...
+    def resume_after_output(self) -> None: ...
+
+
 class StreamBridge(asyncio.Protocol):
     """One TCP connection <-> one tunnel stream.
 
@@ -93,8 +107,11 @@ class StreamBridge(asyncio.Protocol):
         *,
         inbound: bool,
         stream_id: int = 0,
+        discard_replies: bool = False,
     ) -> None:
         self.tunnel = tunnel
+        # A mirror copy: what the local process answers is read and thrown away.
+        self._discard = discard_replies
         self.stats = stats
         self.stream_id = stream_id
         # inbound: bytes from the tunnel go to this socket count as bytes_in.
@@ -140,6 +157,8 @@ class StreamBridge(asyncio.Protocol):
             self.stats.bytes_out += len(data)
         else:
             self.stats.bytes_in += len(data)
+        if self._discard:
+            return
         if self._backlog is not None:
             # Only possible in the loop iteration that paused us; keep order.
             self._backlog = memoryview(bytes(self._backlog) + data)
@@ -228,6 +247,8 @@ class StreamBridge(asyncio.Protocol):
     def on_reset(self, reason: str) -> None:
         """The other end aborted the stream: abort the socket with RST."""
         log.debug("stream %d reset by peer: %s", self.stream_id, reason)
+        if not self._aborted:
+            self.stats.error(reason)
         self._aborted = True
         self._pending_writes.clear()
         abort_with_reset(self.transport)
@@ -277,7 +298,7 @@ class StreamBridge(asyncio.Protocol):
 
 @dataclass
 class _Waiters:
-    paused: set[StreamBridge] = field(default_factory=set)
+    paused: set[Endpoint] = field(default_factory=set)
 
 
 class Tunnel:
@@ -298,27 +319,27 @@ class Tunnel:
         self.ws = ws
         self.conn = conn
         self.name = name
-        self.bridges: dict[int, StreamBridge] = {}
+        self.bridges: dict[int, Endpoint] = {}
         self._handler = handler
         self._wakeup = asyncio.Event()
         self._waiters = _Waiters()
         self._closed = False
         self.close_reason = ""
 
-    def kick(self, bridge: StreamBridge | None = None) -> None:
+    def kick(self, bridge: Endpoint | None = None) -> None:
         """Output is queued: wake the writer (and apply backpressure if behind)."""
         self._wakeup.set()
         if bridge is not None and self.conn.pending_output > OUTPUT_HIGH_WATER:
             self._waiters.paused.add(bridge)
             bridge.pause_for_output()
 
-    def attach(self, bridge: StreamBridge) -> None:
+    def attach(self, bridge: Endpoint) -> None:
         """Route the events of ``bridge.stream_id`` to ``bridge``."""
         self.bridges[bridge.stream_id] = bridge
         bridge.stats.connections_total += 1
         bridge.stats.connections_open += 1
 
-    def forget(self, bridge: StreamBridge) -> None:
+    def forget(self, bridge: Endpoint) -> None:
         """The bridge's socket is gone."""
         if self.bridges.get(bridge.stream_id) is bridge:
             del self.bridges[bridge.stream_id]
@@ -345,7 +366,6 @@ class Tunnel:
     def abort_streams(self, reason: str) -> None:
         """Reset every socket: their stream cannot continue."""
         for bridge in list(self.bridges.values()):
-            bridge.stats.error(reason)
             bridge.on_reset(reason)
 
     async def close(self) -> None:
@@ -397,7 +417,7 @@ class Tunnel:
                 self.close_reason = f"unexpected websocket message type {msg.type.name}"
                 return
 
-    def _dispatch(self, event: ev.Event, bridges: dict[int, StreamBridge]) -> None:
+    def _dispatch(self, event: ev.Event, bridges: dict[int, Endpoint]) -> None:
         # Stream traffic first: it is nearly every event.
         if type(event) is ev.DataReceived:
             bridge = bridges.get(event.stream_id)

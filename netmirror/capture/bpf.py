@@ -15,6 +15,8 @@ DLT_RAW = 12
 ACCEPT_BYTES = 0x40000
 _BPF_RET = 0x06
 _INSN = struct.Struct("HBBI")
+#: ``ret #0``: accept nothing.
+REJECT_ALL = _INSN.pack(_BPF_RET, 0, 0, 0)
 
 
 def filter_expression(ports: Iterable[int]) -> str:

@@ -133,8 +133,9 @@ class Reassembler:
                 self.counters.refused_flows += 1
                 return
             partial = not seg.syn
-            flow = _Flow(next_seq=(seq + 1) & SEQ_MASK if seg.syn else seq, partial=partial,
-                         last_seen=now)  # fmt: skip
+            flow = _Flow(
+                next_seq=(seq + 1) & SEQ_MASK if seg.syn else seq, partial=partial, last_seen=now
+            )
             self._flows[key] = flow
             self.counters.flows += 1
             self.counters.partial += partial

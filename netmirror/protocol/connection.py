@@ -306,6 +306,12 @@ class Connection:
             {"id": request_id, "port": port, "ok": ok, "error": error[:MAX_REASON]},
         )
 
+    def report_stats(self, stats: dict[str, Any]) -> None:
+        """(agent) Send counters only the agent knows to the daemon."""
+        self._require_role(Role.AGENT, "report stats")
+        if self.state is State.OPEN:
+            self._send_json(FrameType.STATS, 0, stats)
+
     def fail(self, code: str, message: str) -> None:
         """Report a fatal error to the peer and close the tunnel."""
         if self.state is not State.CLOSED:
@@ -536,7 +542,8 @@ class Connection:
             raise ProtocolError(f"OPEN with invalid stream id {stream_id}")
         self._last_peer_id = stream_id
         body = decode_json(ftype, payload)
-        port = port_field(body, "port", ftype)
+        # Port 0: a stream tied to no port (the capture's pcap stream).
+        port = port_field(body, "port", ftype, allow_zero=True)
         dst = address_field(body, "dst", ftype)
         src = address_field(body, "src", ftype)
         info = body.get("info", {})
@@ -622,6 +629,10 @@ class Connection:
             raise ProtocolError("malformed SUBSCRIBED frame: error must be a string")
         self._events.append(ev.SubscriptionAnswered(request_id, port, ok, error))
 
+    def _on_stats(self, ftype: FrameType, stream_id: int, payload: bytes) -> None:
+        self._check_control(ftype, stream_id, Role.DAEMON)
+        self._events.append(ev.StatsReported(decode_json(ftype, payload)))
+
     def _check_control(self, ftype: FrameType, stream_id: int, receiver: Role) -> None:
         if self.role is not receiver:
             raise ProtocolError(f"{ftype.name} may only be sent to the {receiver.value}")
@@ -639,4 +650,5 @@ class Connection:
         FrameType.PING: _on_ping,
         FrameType.PONG: _on_ping,
         FrameType.ERROR: _on_error,
+        FrameType.STATS: _on_stats,
     }

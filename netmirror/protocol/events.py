@@ -105,6 +105,13 @@ class PongReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsReported:
+    """(daemon) Counters the agent keeps (capture, mirror copies), as a JSON object."""
+
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReceived:
     """The peer reported a fatal error; it closes the tunnel next."""
 
@@ -124,5 +131,6 @@ Event = (
     | StreamReset
     | CreditGranted
     | PongReceived
+    | StatsReported
     | ErrorReceived
 )

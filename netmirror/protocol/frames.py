@@ -48,6 +48,7 @@ class FrameType(enum.IntEnum):
     PING = 11  # either side: u64 opaque
     PONG = 12  # answer to PING with the same u64
     ERROR = 13  # either side: fatal, JSON {code, message}; the tunnel closes
+    STATS = 14  # agent -> daemon: JSON counters only the agent knows (capture, copies)
 
 
 #: Frames whose payload is JSON and bounded by the control size limit.
@@ -60,6 +61,7 @@ JSON_FRAMES = frozenset(
         FrameType.UNSUBSCRIBE,
         FrameType.OPEN,
         FrameType.ERROR,
+        FrameType.STATS,
     }
 )
 
@@ -101,10 +103,12 @@ def field(body: dict[str, Any], name: str, kind: type, ftype: FrameType) -> Any:
     return value
 
 
-def port_field(body: dict[str, Any], name: str, ftype: FrameType) -> int:
-    """A TCP port field (1-65535)."""
+def port_field(
+    body: dict[str, Any], name: str, ftype: FrameType, *, allow_zero: bool = False
+) -> int:
+    """A TCP port field (1-65535, or 0 where a frame may name no port)."""
     value: int = field(body, name, int, ftype)
-    if not 0 < value < 65536:
+    if not (0 if allow_zero else 1) <= value < 65536:
         raise ProtocolError(f"malformed {ftype.name} frame: {name} {value} is not a port")
     return value
 

@@ -109,6 +109,7 @@ class Env:
         tag: str = "",
         host: str | None = None,
         text: str = "",
+        log: str = "",
     ) -> subprocess.Popen[bytes]:
         """Start a test server in the pod or on the host (loopback)."""
         argv = [sys.executable, str(SERVERS), kind, "--port", str(port)]
@@ -117,6 +118,8 @@ class Env:
             argv += ["--tag", tag]
         if text:
             argv += ["--text", text]
+        if log:
+            argv += ["--log", log]
         cmd = self.sandbox.cmd(*argv) if in_pod else argv
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.procs.append(proc)

@@ -210,7 +210,14 @@ def test_failures_are_one_line_and_leave_nothing(env: Env) -> None:
             ["--target", "netns/does-not-exist", "--steal", "80"],
             "network namespace 'does-not-exist' not found",
         ),
-        (["--target", env.sandbox.target, "--mirror", "80"], "mirror mode is not supported yet"),
+        (
+            ["--target", env.sandbox.target, "--steal", "80", "--mirror", "80"],
+            "--mirror: 80 is also given to --steal",
+        ),
+        (
+            ["--target", env.sandbox.target, "--mirror", "80", "--mirror-method", "copy"],
+            "argument --mirror-method: invalid choice: 'copy'",
+        ),
         (
             ["--target", env.sandbox.target, "--steal", "eighty"],
             "--steal: 'eighty' is not REMOTE[:LOCAL]",

@@ -17,6 +17,9 @@ class Exchange:
     upload_intact: bool
     download_intact: bool
     downloaded: int
+    sent_sha256: str = ""
+    """Digest of every byte the client sent (header included): what a mirror copies."""
+    sent_bytes: int = 0
 
 
 async def sha_exchange(
@@ -28,12 +31,15 @@ async def sha_exchange(
         reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
         try:
             tag = (await reader.readexactly(8)).rstrip(b"\0").decode()
-            writer.write(struct.pack("!Q", down))
+            head = struct.pack("!Q", down)
+            writer.write(head)
+            wire = hashlib.sha256(head)
             sent = hashlib.sha256()
             remaining = up
             while remaining:
                 block = os.urandom(min(remaining, 256 * 1024))
                 sent.update(block)
+                wire.update(block)
                 writer.write(block)
                 remaining -= len(block)
                 await writer.drain()
@@ -54,6 +60,8 @@ async def sha_exchange(
                 upload_intact=their_digest == sent.digest(),
                 download_intact=trailer == got.digest() and rest == b"",
                 downloaded=down,
+                sent_sha256=wire.hexdigest(),
+                sent_bytes=len(head) + up,
             )
         finally:
             writer.close()

@@ -85,9 +85,29 @@ async def http_handler(
         writer.close()
 
 
+async def sink_handler(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, log_path: str
+) -> None:
+    """Read a whole connection; log its sha256 and size (a mirror's local process)."""
+    digest = hashlib.sha256()
+    size = 0
+    ended = "eof"
+    try:
+        while chunk := await reader.read(256 * 1024):
+            digest.update(chunk)
+            size += len(chunk)
+    except ConnectionError:
+        ended = "reset"
+    finally:
+        writer.close()
+    with open(log_path, "a") as log:
+        log.write(f"{digest.hexdigest()} {size} {ended}\n")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["sha", "http", "echo"])
+    parser.add_argument("kind", choices=["sha", "http", "echo", "sink", "stall"])
+    parser.add_argument("--log", default="")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="::")
     parser.add_argument("--tag", default="server")
@@ -99,6 +119,16 @@ async def main() -> None:
     elif args.kind == "http":
         text = args.text.encode()
         handler = lambda r, w: http_handler(r, w, text)  # noqa: E731
+    elif args.kind == "stall":
+        held: list[asyncio.StreamWriter] = []
+
+        async def stall(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            held.append(w)  # accept, never read: a local process that hangs
+
+        handler = stall
+    elif args.kind == "sink":
+        log_path = args.log
+        handler = lambda r, w: sink_handler(r, w, log_path)  # noqa: E731
     else:
         handler = echo_handler
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

@@ -345,3 +345,15 @@ def test_malformed_answers(frame: bytes) -> None:
     daemon, _agent = connected()
     expect_violation(daemon, frame, "malformed")
     assert daemon.events_received() == []
+
+
+def test_stats_flow_from_agent_to_daemon_only() -> None:
+    from netmirror.errors import ProtocolError
+    from netmirror.protocol import StatsReported
+
+    daemon, agent = connected()
+    agent.report_stats({"capture": {"packets": 3}})
+    daemon.receive_data(agent.data_to_send())
+    assert daemon.events_received() == [StatsReported({"capture": {"packets": 3}})]
+    with pytest.raises(ProtocolError):
+        daemon.report_stats({})
