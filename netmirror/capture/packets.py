@@ -60,6 +60,8 @@ def parse(packet: memoryview) -> Segment | None:
         if proto != PROTO_TCP or frag & 0x3FFF:  # fragments (MF set or offset) are not TCP-parsable
             return None
         ihl = (vihl & 0x0F) * 4
+        if ihl < 20:
+            return None
         # GSO super-packets may carry total 0 when larger than 64 KiB.
         end = min(total, len(packet)) if total else len(packet)
         src_s = socket.inet_ntop(socket.AF_INET, src)
@@ -86,6 +88,6 @@ def parse(packet: memoryview) -> Segment | None:
         return None
     sport, dport, seq, _ack, doff, flags = _TCP.unpack_from(packet, offset)
     data_start = offset + (doff >> 4) * 4
-    if data_start > end:
+    if doff >> 4 < 5 or data_start > end:  # a data offset under 5 words is malformed
         return None
     return Segment(src_s, sport, dst_s, dport, seq, flags, packet[data_start:end])

@@ -107,6 +107,7 @@ class Reassembler:
         self._flows: dict[FlowKey, _Flow] = {}
         # Recently ended flows: late retransmissions must not reopen them.
         self._ended: dict[FlowKey, float] = {}
+        self._refused: dict[FlowKey, float] = {}
         self._events: list[FlowEvent] = []
 
     def events(self) -> list[FlowEvent]:
@@ -130,7 +131,9 @@ class Reassembler:
                 self.counters.duplicate_bytes += len(payload)
                 return
             if len(self._flows) >= self.max_flows:
-                self.counters.refused_flows += 1
+                if seg.syn or key not in self._refused:
+                    self.counters.refused_flows += 1
+                    self._refused[key] = now
                 return
             partial = not seg.syn
             flow = _Flow(
@@ -153,9 +156,14 @@ class Reassembler:
         if payload:
             self._add(key, flow, seq, payload, now)
             if flow.failed:
+                if seg.fin:
+                    self._finish(key, flow, "fin")
                 return
         if seg.fin:
             flow.fin_seq = (seq + len(payload)) & SEQ_MASK
+            if flow.next_seq != flow.fin_seq and flow.held_since is None:
+                # Bytes before the FIN are missing: time the hole like a held segment.
+                flow.held_since = now
         if flow.fin_seq is not None and flow.next_seq == flow.fin_seq:
             self._finish(key, flow, "fin")
 
@@ -170,9 +178,10 @@ class Reassembler:
                 self._gap(key, flow)
             if now - flow.last_seen > self.idle_timeout:
                 self._finish(key, flow, "idle", now)
-        for key, ended in list(self._ended.items()):
-            if now - ended > ENDED_MEMORY:
-                del self._ended[key]
+        for memory in (self._ended, self._refused):
+            for key, ended in list(memory.items()):
+                if now - ended > ENDED_MEMORY:
+                    del memory[key]
 
     def close_all(self, reason: str = "evicted") -> None:
         """Close every flow (capture stopping)."""
@@ -222,16 +231,19 @@ class Reassembler:
                 data = held.pop(seq)
                 flow.held_bytes -= len(data)
                 if start + len(data) > 0:
+                    self.counters.duplicate_bytes += -start
                     self._deliver(key, flow, data[-start:] if start else data)
                 else:
                     self.counters.duplicate_bytes += len(data)
                 progressed = True
             if not progressed:
                 break
-        flow.held_since = None if not held else flow.held_since
+        if not held and (flow.fin_seq is None or flow.next_seq == flow.fin_seq):
+            flow.held_since = None
 
     def _gap(self, key: FlowKey, flow: _Flow) -> None:
-        missing = min((seq_diff(s, flow.next_seq) for s in flow.held), default=0)
+        before_fin = seq_diff(flow.fin_seq, flow.next_seq) if flow.fin_seq is not None else 0
+        missing = min((seq_diff(s, flow.next_seq) for s in flow.held), default=before_fin)
         flow.failed = True
         flow.held.clear()
         flow.held_bytes = 0
@@ -240,7 +252,8 @@ class Reassembler:
         self._events.append(FlowGap(key, max(missing, 0), flow.delivered))
 
     def _finish(self, key: FlowKey, flow: _Flow, reason: str, now: float | None = None) -> None:
-        if flow.held and not flow.failed:
+        hole = flow.fin_seq is not None and flow.next_seq != flow.fin_seq
+        if (flow.held or hole) and not flow.failed:
             # Bytes beyond a hole will never be delivered: that is a gap, not an end.
             self._gap(key, flow)
         del self._flows[key]

@@ -308,11 +308,6 @@ def test_too_short(raw: bytes) -> None:
 # --- malformed headers (bugs) --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="packets.py parse(): ihl = (vihl & 0x0F) * 4 is not checked to be >= 20: "
-    "with IHL < 5 the IP header itself is parsed as the TCP header",
-)
 @pytest.mark.parametrize("ihl", [0, 1, 4])
 def test_ipv4_header_length_below_five_words_is_rejected(ihl: int) -> None:
     raw = bytearray(_v4(b"hello"))
@@ -320,11 +315,6 @@ def test_ipv4_header_length_below_five_words_is_rejected(ihl: int) -> None:
     assert parse(memoryview(bytes(raw))) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="packets.py parse(): data_start = offset + (doff >> 4) * 4 is not checked "
-    "for doff >= 5: the TCP header bytes are returned as payload (Linux drops such segments)",
-)
 @pytest.mark.parametrize("doff", [0, 1, 4])
 def test_tcp_data_offset_below_five_words_is_rejected(doff: int) -> None:
     raw = bytearray(_v4(b"hello"))

@@ -202,12 +202,6 @@ def test_held_segment_replaced_by_a_longer_one_at_the_same_seq() -> None:
     assert data_of(r.events()) == STREAM[:10]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reassembly.py _drain() delivers data[-start:] of a held segment that "
-    "overlaps the delivered prefix without adding -start to counters.duplicate_bytes, "
-    "while _add() counts the same overlap when the segment arrives in order",
-)
 def test_overlap_resolved_while_draining_counts_duplicate_bytes() -> None:
     r = Reassembler()
     opened(r)
@@ -339,12 +333,6 @@ def test_fin_carrying_data_waits_for_a_missing_segment() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reassembly.py: a bare FIN (no payload) beyond a hole only sets fin_seq; nothing "
-    "is held so held_since stays None and tick() never reports the hole; the flow "
-    "later closes as 'idle' (or 'evicted') with no FlowGap although bytes are missing",
-)
 def test_hole_before_a_bare_fin_is_reported_as_a_gap() -> None:
     r = Reassembler(gap_timeout=1.0, idle_timeout=60.0)
     opened(r)
@@ -488,11 +476,6 @@ def test_max_flows_refuses_and_counts() -> None:
     assert r.counters.flows == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reassembly.py feed() increments refused_flows for every segment of a refused "
-    "connection that carries data (or SYN), not once per flow",
-)
 def test_refused_flow_is_counted_once() -> None:
     r = Reassembler(max_flows=1)
     opened(r)
