@@ -177,7 +177,8 @@ def test_config_error_is_a_netmirror_error() -> None:
         # Keys that are not plain names are quoted, so the path stays one unambiguous line.
         (
             {"ports": [{"remote": 80, "odd key\n": 1}]},
-            "ports[0]['odd key\\n']: unknown key (expected one of remote, mode, local, local_host, mirror)",
+            "ports[0]['odd key\\n']: unknown key "
+            "(expected one of remote, mode, local, local_host, mirror)",
         ),
     ],
 )
