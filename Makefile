@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEBIAN_PACKAGES := iproute2 iptables curl iperf3 socat procps python3-venv
+DEBIAN_PACKAGES := iproute2 iptables curl iperf3 socat procps tcpdump libpcap0.8 python3-venv
 # Commands whose absence means the Debian packages above must be installed.
-NEEDED_COMMANDS := ip iptables iptables-legacy curl iperf3 socat pgrep
+NEEDED_COMMANDS := ip iptables iptables-legacy curl iperf3 socat pgrep tcpdump
 
 .PHONY: deps system-deps demo test lint bench clean agent-image
 
@@ -40,6 +40,7 @@ lint: deps
 
 bench: deps
 	$(PY) -m benchmarks.throughput
+	$(PY) -m benchmarks.mirror
 
 agent-image:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "agent-image needs a running Docker engine"; exit 1; }

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING = 8 * 1024 * 1024
+MAX_PENDING = 32 * 1024 * 1024
 RELAY_HIGH_WATER = 1024 * 1024
 
 
