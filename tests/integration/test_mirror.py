@@ -157,8 +157,8 @@ def test_stuck_local_process_never_slows_the_real_traffic(env: Env, method: str)
     local = free_port()
     env.server("stall", local, in_pod=False)
     env.up("--mirror", f"{POD_PORT}:{local}", "--mirror-method", method)
-    # 40 MiB through a copy that is never read: far beyond every buffer.
-    (result,) = run_clients(env, [(40 << 20, 1 << 20)])
+    # 120 MiB through a copy that is never read: far beyond every buffer on the way.
+    (result,) = run_clients(env, [(120 << 20, 1 << 20)])
     assert result.tag == "pod" and result.upload_intact and result.download_intact
     deadline = time.monotonic() + 3
     while status(env)["ports"][0].get("mirror", {}).get("dropped", 0) < 1:
