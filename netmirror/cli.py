@@ -354,10 +354,29 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"  {p['remote']:>6}  {p['mode']:<7} {p['local']:<22} {p['state']:<8} {conns:>11}"
                 f" {b_in:>10} {b_out:>10} {p.get('errors', 0):>6}"
             )
+            mirror = p.get("mirror")
+            if mirror:
+                print(
+                    f"          {p.get('method')}: {mirror.get('flows', 0)} copied, "
+                    f"{mirror.get('partial', 0)} partial, {mirror.get('gaps', 0)} gaps, "
+                    f"{mirror.get('dropped', 0)} dropped (fell behind)"
+                )
             if p.get("last_error"):
                 print(f"          last error: {p['last_error']}")
         if ports:
             print("  (CONNS is total/open; IN is client to local, OUT local to client)")
+        capture = st.get("capture")
+        if capture:
+            print(
+                f"  capture: {capture['packets']} packets, {capture['kernel_drops']} dropped by "
+                f"the kernel, {capture['truncated']} truncated"
+            )
+        pcap = st.get("pcap")
+        if pcap:
+            print(
+                f"  pcap: {pcap['path']} ({_format_bytes(pcap['bytes'])}, {pcap['records']} "
+                f"packets, {pcap['state']})"
+            )
     return 0
 
 
