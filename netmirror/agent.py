@@ -59,9 +59,12 @@ class AgentOptions:
 
     session: str
     listen: str
-    token: str
+    token_digest: bytes
+    """SHA-256 of the session token: the agent never needs the token itself."""
     ttl: float
     netns: Path | None = None
+    container_id: str | None = None
+    """Enter the network namespace of the container with this id (job mode)."""
     debug: bool = False
 
 
@@ -191,7 +194,7 @@ class Agent:
         await ws.prepare(request)
         conn = Connection(
             Role.AGENT,
-            token=self.options.token,
+            token_digest=self.options.token_digest,
             session=self.session,
             limits=self.limits,
             info=self.info,
@@ -260,7 +263,12 @@ class Agent:
                 tunnel.conn.reset(event.stream_id, "this agent does not open connections")
                 tunnel.kick()
         elif isinstance(event, ev.ErrorReceived):
-            log.warning("daemon reported an error: %s: %s", event.code, event.message)
+            if event.code == "shutdown":
+                # The session ended on purpose: clean up now, not after the TTL.
+                log.info("the daemon ended the session: %s", event.message)
+                self._stop.set()
+            else:
+                log.warning("daemon reported an error: %s: %s", event.code, event.message)
 
     def _answer(self, request_id: int, port: int, *, ok: bool, error: str = "") -> None:
         tunnel = self.tunnel
@@ -417,7 +425,7 @@ class Agent:
                 tunnel.conn.report_stats(self.report())
                 tunnel.kick()
 
-    async def run(self, ready: dict[str, Any]) -> None:
+    async def run(self, ready: dict[str, Any], *, listen_sock: socket.socket | None = None) -> None:
         """Serve until stopped or until no daemon was attached for ``ttl`` seconds."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -438,8 +446,8 @@ class Agent:
             finally:
                 os.umask(old_umask)
         else:
-            host, _, port = where.rpartition(":")
-            site = web.TCPSite(runner, host or "127.0.0.1", int(port))
+            assert listen_sock is not None
+            site = web.SockSite(runner, listen_sock)
             await site.start()
         self.tasks.spawn(self._ticker(), name="ticker")
         ready["listen"] = self.options.listen
@@ -496,13 +504,58 @@ def enter_namespace(path: Path) -> None:
         ) from None
 
 
+def tcp_listener(where: str) -> socket.socket:
+    """A listening TCP socket for ``HOST:PORT``."""
+    host, _, port = where.rpartition(":")
+    try:
+        sock = socket.create_server((host or "127.0.0.1", int(port)), reuse_port=False)
+    except (OSError, ValueError) as exc:
+        raise NetmirrorError(f"cannot listen on {where}: {exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def find_container_pid(container_id: str, proc: Path = Path("/proc")) -> int:
+    """The lowest pid whose cgroup names the container (its init), from a host-pid view.
+
+    ``container_id`` may carry the runtime prefix of the pod status
+    (``containerd://abc...``); the bare id is searched for.
+    """
+    bare = container_id.rsplit("://", 1)[-1]
+    if len(bare) < 12 or not bare.isalnum():
+        raise NetmirrorError(f"{container_id!r} is not a container id")
+    found: list[int] = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if bare in (entry / "cgroup").read_text():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    if not found:
+        raise NetmirrorError(f"no process of container {bare[:12]} on this node (is hostPID set?)")
+    return min(found)
+
+
 def run(options: AgentOptions) -> int:
     """Entry point of ``netmirror agent``; returns the exit code."""
     guard: Guard | None = None
     firewall: IptablesNat | None = None
+    listen_sock: socket.socket | None = None
     try:
-        if options.netns is not None:
-            enter_namespace(options.netns)
+        kind, _, where = options.listen.partition(":")
+        if kind == "tcp":
+            # Bound before entering the target: in job mode the port-forward reaches
+            # the agent's own pod, not the target's namespace.
+            listen_sock = tcp_listener(where)
+        elif kind != "unix":
+            raise NetmirrorError(f"--listen {options.listen!r} is not unix:PATH or tcp:HOST:PORT")
+        netns = options.netns
+        if options.container_id:
+            netns = Path(f"/proc/{find_container_pid(options.container_id)}/ns/net")
+        if netns is not None:
+            enter_namespace(netns)
         backend = detect_backend()
         firewall = IptablesNat(options.session, backend=backend)
         firewall.teardown()  # leftovers of an earlier agent of this session
@@ -527,7 +580,7 @@ def run(options: AgentOptions) -> int:
         # pyroute2 stays off this loop: it ran above, before the loop started.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             agent = Agent(options, backend=backend, firewall=agent_firewall, info=info)
-            runner.run(agent.run(ready))
+            runner.run(agent.run(ready, listen_sock=listen_sock))
     finally:
         agent_firewall.teardown()
         guard.close()

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 from netmirror import __version__
 from netmirror.config import Config, Overrides, build_config, json_schema, load_file, parse_config
 from netmirror.errors import ConfigError, NetmirrorError, SessionError
+from netmirror.protocol.connection import token_sha256
 from netmirror.state import SessionDir, SessionRecord, list_session_dirs, pid_alive
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -421,22 +422,35 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from netmirror import agent, logs
 
     logs.setup(session=args.session, role="agent", debug=args.debug)
-    if args.token_stdin:
-        token = sys.stdin.readline().strip()
-    elif args.token_file:
-        token = Path(args.token_file).read_text().strip()
+    digest: bytes | None = None
+    if args.token_sha256:
+        try:
+            digest = bytes.fromhex(args.token_sha256)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ConfigError("--token-sha256: expected 64 hexadecimal digits")
     else:
-        token = os.environ.pop("NETMIRROR_TOKEN", "")
-    if not token:
+        if args.token_stdin:
+            token = sys.stdin.readline().strip()
+        elif args.token_file:
+            token = Path(args.token_file).read_text().strip()
+        else:
+            token = os.environ.pop("NETMIRROR_TOKEN", "")
+        if token:
+            digest = token_sha256(token)
+    if not digest:
         raise ConfigError(
-            "the agent needs a token (--token-stdin, --token-file or NETMIRROR_TOKEN)"
+            "the agent needs a token (--token-stdin, --token-file, --token-sha256 or "
+            "NETMIRROR_TOKEN)"
         )
     options = agent.AgentOptions(
         session=args.session,
         listen=args.listen,
-        token=token,
+        token_digest=digest,
         ttl=args.ttl,
         netns=Path(args.netns) if args.netns else None,
+        container_id=args.container_id,
         debug=args.debug,
     )
     return agent.run(options)
@@ -532,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.add_argument("--token-stdin", action="store_true", help="read the token from stdin")
     agent.add_argument("--token-file", help="read the token from a file")
+    agent.add_argument("--token-sha256", help="accept the token whose SHA-256 is this (hex)")
+    agent.add_argument(
+        "--container-id", help="enter this container's network namespace (needs hostPID)"
+    )
     agent.set_defaults(func=cmd_agent)
 
     daemon = sub.add_parser("daemon")  # started by `up`; not for people

@@ -46,6 +46,7 @@ __all__ = [
     "ENV_SESSION",
     "ENV_TARGET",
     "AgentConfig",
+    "KubernetesConfig",
     "Config",
     "MirrorConfig",
     "Mode",
@@ -258,6 +259,17 @@ class AgentConfig(BaseModel):
         allow_inf_nan=False,
         description="Seconds to wait for the agent to start and answer before giving up.",
     )
+    mode: Literal["ephemeral", "job"] = Field(
+        default="ephemeral",
+        description="Kubernetes targets: 'ephemeral' adds an ephemeral container to the "
+        "target pod (capabilities NET_ADMIN and NET_RAW); 'job' runs a privileged pod on "
+        "the target's node that enters the target container's network namespace.",
+    )
+    port: Port = Field(
+        default=47070,
+        description="Kubernetes targets: loopback port of the agent's websocket inside the "
+        "pod, reached through the API server's port-forward.",
+    )
 
     @field_validator("image")
     @classmethod
@@ -267,6 +279,21 @@ class AgentConfig(BaseModel):
         if any(ch.isspace() for ch in value):
             raise ValueError("must not contain spaces")
         return value
+
+
+class KubernetesConfig(BaseModel):
+    """Where Kubernetes targets are looked up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespace: str | None = Field(
+        default=None,
+        description="Namespace of the target; unset means the kubeconfig context's.",
+    )
+    context: str | None = Field(
+        default=None,
+        description="kubeconfig context to use; unset means the current one.",
+    )
 
 
 class Config(BaseModel):
@@ -295,6 +322,10 @@ class Config(BaseModel):
     pcap: PcapConfig | None = Field(
         default=None,
         description="Save what the capture method sees on mirrored ports to a pcap file.",
+    )
+    kubernetes: KubernetesConfig = Field(
+        default_factory=KubernetesConfig,
+        description="Kubernetes targets: namespace and kubeconfig context.",
     )
 
     @field_validator("target")
@@ -341,7 +372,8 @@ class Config(BaseModel):
 # ---------------------------------------------------------------- error messages
 
 _MODELS: dict[str, type[BaseModel]] = {
-    model.__name__: model for model in (Config, PortConfig, AgentConfig, MirrorConfig, PcapConfig)
+    model.__name__: model
+    for model in (Config, PortConfig, AgentConfig, MirrorConfig, PcapConfig, KubernetesConfig)
 }
 
 _TYPE_TEXTS: dict[str, str] = {
@@ -650,6 +682,9 @@ class Overrides:
     """``--mirror-method``: applies to the ports named by ``--mirror``."""
     pcap: str | None = None
     """``--pcap FILE``."""
+    namespace: str | None = None
+    context: str | None = None
+    agent_mode: str | None = None
 
 
 def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides) -> Config:
@@ -690,6 +725,9 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
         ("--target", flags.target, ("target",)),
         ("--session", flags.session, ("session",)),
         ("--agent-image", flags.agent_image, ("agent", "image")),
+        ("--namespace", flags.namespace, ("kubernetes", "namespace")),
+        ("--context", flags.context, ("kubernetes", "context")),
+        ("--agent-mode", flags.agent_mode, ("agent", "mode")),
     ):
         if value is not None:
             put(path, value, flag)
@@ -813,6 +851,10 @@ def dump_example() -> str:
         f"  ttl: {_scalar(agent.ttl)}",
         *_comment(AgentConfig, "ready_timeout", "  "),
         f"  ready_timeout: {_scalar(agent.ready_timeout)}",
+        *_comment(AgentConfig, "mode", "  "),
+        f"  mode: {agent.mode}",
+        *_comment(AgentConfig, "port", "  "),
+        f"  port: {agent.port}",
         "",
         *_comment(Config, "pcap", ""),
         "pcap:",
@@ -820,5 +862,12 @@ def dump_example() -> str:
         "  path: mirror.pcap",
         *_comment(PcapConfig, "max_bytes", "  "),
         "  max_bytes: 104857600",
+        "",
+        *_comment(Config, "kubernetes", ""),
+        "kubernetes:",
+        *_comment(KubernetesConfig, "namespace", "  "),
+        "  namespace: default",
+        *_comment(KubernetesConfig, "context", "  "),
+        "  context: staging",
     ]
     return "\n".join(lines) + "\n"

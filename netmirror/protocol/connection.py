@@ -15,6 +15,7 @@ bounds what the other side may buffer for it.
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,11 @@ from netmirror.protocol.frames import (
 
 MODES = ("steal", "mirror")
 MAX_REASON = 1024
+
+
+def token_sha256(token: str) -> bytes:
+    """The digest an agent may be given instead of the token itself."""
+    return hashlib.sha256(token.encode()).digest()
 
 
 class Role(enum.Enum):
@@ -102,17 +108,21 @@ class Connection:
         self,
         role: Role,
         *,
-        token: str,
+        token: str = "",
+        token_digest: bytes | None = None,
         session: str = "",
         limits: Limits | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
+        """``token`` is the session's secret; an agent may instead be given only its
+        SHA-256 ``token_digest`` (so a pod spec can carry it without revealing it)."""
         self.role = role
         self.session = session
         self.limits = limits or Limits()
         self.state = State.HANDSHAKE
         self.peer_info: dict[str, Any] = {}
-        self._token = token.encode()
+        # The agent keeps only the digest and compares digests in constant time.
+        self._token_digest = token_digest or token_sha256(token)
         self._info = info or {}
         self._inbuf = bytearray()
         self._need = 0  # bytes the buffered, incomplete frame needs in all
@@ -467,7 +477,8 @@ class Connection:
             # surrogatepass: a JSON token may hold lone surrogates; it must still
             # compare (unequal) rather than fail to encode.
             if not isinstance(token, str) or not hmac.compare_digest(
-                token.encode("utf-8", "surrogatepass"), self._token
+                hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest(),
+                self._token_digest,
             ):
                 raise AuthenticationError("authentication failed: wrong or missing token")
             session = field(body, "session", str, ftype)

@@ -124,11 +124,11 @@ def test_config_error_is_a_netmirror_error() -> None:
         ),
         (
             {"tagret": "netns/x"},
-            "tagret: unknown key (expected one of target, session, ports, agent, pcap)",
+            "tagret: unknown key (expected one of target, session, ports, agent, pcap, kubernetes)",
         ),
         (
             {"agent": {"imgae": "x"}},
-            "agent.imgae: unknown key (expected one of image, ttl, ready_timeout)",
+            "agent.imgae: unknown key (expected one of image, ttl, ready_timeout, mode, port)",
         ),
         ({"agent": {"ttl": 0}}, "agent.ttl: 0 must be greater than 0"),
         ({"agent": {"ttl": 3601}}, "agent.ttl: 3601 must be at most 3600"),
@@ -620,7 +620,7 @@ def test_json_schema() -> None:
     assert schema["title"] == "netmirror configuration"
     assert schema["type"] == "object"
     assert schema["additionalProperties"] is False
-    assert list(schema["properties"]) == ["target", "session", "ports", "agent", "pcap"]
+    assert list(schema["properties"]) == ["target", "session", "ports", "agent", "pcap", "kubernetes"]
     port = schema["$defs"]["PortConfig"]
     assert list(port["properties"]) == ["remote", "mode", "local", "local_host", "mirror"]
     assert port["required"] == ["remote"]
@@ -628,7 +628,7 @@ def test_json_schema() -> None:
     assert port["properties"]["remote"]["maximum"] == 65535
     assert port["properties"]["mode"]["enum"] == ["steal", "mirror", "off"]
     agent = schema["$defs"]["AgentConfig"]
-    assert list(agent["properties"]) == ["image", "ttl", "ready_timeout"]
+    assert list(agent["properties"]) == ["image", "ttl", "ready_timeout", "mode", "port"]
     assert agent["properties"]["ttl"]["exclusiveMinimum"] == 0
     assert agent["properties"]["ttl"]["maximum"] == 3600
     # Every field is documented, which is what makes the schema useful in editors.
