@@ -127,7 +127,7 @@ class InboundBridge(StreamBridge):
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         tunnel = self.agent.tunnel
         if self._refused or tunnel is None or tunnel is not self.tunnel:
-            self.sub.stats.error("no daemon connected")
+            self.sub.stats.error("no daemon connected: connection reset")
             self._refused = True
             abort_with_reset(transport)
             return
@@ -139,9 +139,15 @@ class InboundBridge(StreamBridge):
             abort_with_reset(transport)
             return
         peer = transport.get_extra_info("peername") or ("", 0)
-        self.stream_id = tunnel.conn.open_stream(
-            port=self.sub.port, original_dst=dst, client=(str(peer[0]), int(peer[1]))
-        )
+        try:
+            self.stream_id = tunnel.conn.open_stream(
+                port=self.sub.port, original_dst=dst, client=(str(peer[0]), int(peer[1]))
+            )
+        except ProtocolError as exc:  # the tunnel is closing, or out of stream ids
+            self.sub.stats.error(f"cannot open a stream: {exc}")
+            self._refused = True
+            abort_with_reset(transport)
+            return
         tunnel.attach(self)
         super().connection_made(transport)
         tunnel.kick()
@@ -190,6 +196,8 @@ class Agent:
     # --- websocket endpoint ------------------------------------------------------
 
     async def handle_tunnel(self, request: web.Request) -> web.StreamResponse:
+        if self._stop.is_set():
+            raise web.HTTPServiceUnavailable(text="the agent is stopping")
         ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024, heartbeat=WS_HEARTBEAT)
         await ws.prepare(request)
         conn = Connection(
@@ -252,10 +260,11 @@ class Agent:
     # --- events ------------------------------------------------------------------
 
     def _on_event(self, event: ev.Event) -> None:
-        if isinstance(event, ev.SubscribeRequested):
-            self.tasks.spawn(self._subscribe(event), name=f"subscribe-{event.port}")
-        elif isinstance(event, ev.UnsubscribeRequested):
-            self.tasks.spawn(self._unsubscribe(event), name=f"unsubscribe-{event.port}")
+        tunnel = self.tunnel
+        if isinstance(event, ev.SubscribeRequested) and tunnel is not None:
+            self.tasks.spawn(self._subscribe(tunnel, event), name=f"subscribe-{event.port}")
+        elif isinstance(event, ev.UnsubscribeRequested) and tunnel is not None:
+            self.tasks.spawn(self._unsubscribe(tunnel, event), name=f"unsubscribe-{event.port}")
         elif isinstance(event, ev.StreamOpened):
             # Streams opened by the daemon (outgoing connections) are not offered.
             tunnel = self.tunnel
@@ -270,39 +279,36 @@ class Agent:
             else:
                 log.warning("daemon reported an error: %s: %s", event.code, event.message)
 
-    def _answer(self, request_id: int, port: int, *, ok: bool, error: str = "") -> None:
-        tunnel = self.tunnel
-        if tunnel is None:
-            return
+    def _answer(
+        self, tunnel: Tunnel, request_id: int, port: int, *, ok: bool, error: str = ""
+    ) -> None:
+        if tunnel is not self.tunnel or tunnel.conn.state.value != "open":
+            return  # that daemon connection is gone; its successor asks again
         tunnel.conn.answer(request_id, port, ok=ok, error=error)
         tunnel.kick()
 
-    async def _subscribe(self, req: ev.SubscribeRequested) -> None:
+    async def _subscribe(self, tunnel: Tunnel, req: ev.SubscribeRequested) -> None:
         method = ""
         if req.mode == "mirror":
             method = str(req.options.get("method", "capture"))
             if method not in ("capture", "passthrough"):
                 self._answer(
+                    tunnel,
                     req.request_id,
                     req.port,
                     ok=False,
                     error=f"unknown mirror method {method[:20]!r}",
                 )
                 return
-        held = self.subs.get(req.port)
-        if held is not None:
-            same = held.mode == req.mode and held.method == method
-            self._answer(
-                req.request_id,
-                req.port,
-                ok=same,
-                error=""
-                if same
-                else f"port {req.port} is already taken in {held.mode} mode by this session",
-            )
-            return
         try:
             async with self._fw_lock:
+                # Checked under the lock: two tunnels may ask for the same port.
+                held = self.subs.get(req.port)
+                if held is not None:
+                    same = held.mode == req.mode and held.method == method
+                    error = "" if same else f"port {req.port} is already taken in {held.mode} mode"
+                    self._answer(tunnel, req.request_id, req.port, ok=same, error=error)
+                    return
                 if method == "capture":
                     sub = Subscription(req.port, req.mode, method)
                     self.subs[req.port] = sub
@@ -324,13 +330,13 @@ class Agent:
                         raise
         except NetmirrorError as exc:
             log.warning("cannot take port %d: %s", req.port, exc)
-            self._answer(req.request_id, req.port, ok=False, error=str(exc))
+            self._answer(tunnel, req.request_id, req.port, ok=False, error=str(exc))
             return
         if method:
             log.info("mirroring port %d by %s", req.port, method)
         else:
             log.info("stealing port %d (redirected to %s)", req.port, sub.to_ports)
-        self._answer(req.request_id, req.port, ok=True)
+        self._answer(tunnel, req.request_id, req.port, ok=True)
 
     def _capture_mirror(self) -> CaptureMirror:
         if self.capture is None:
@@ -344,7 +350,7 @@ class Agent:
 
         bpf.compile_ports([1])
 
-    async def _unsubscribe(self, req: ev.UnsubscribeRequested) -> None:
+    async def _unsubscribe(self, tunnel: Tunnel, req: ev.UnsubscribeRequested) -> None:
         async with self._fw_lock:
             sub = self.subs.pop(req.port, None)
             if sub is not None and sub.method == "capture":
@@ -355,11 +361,11 @@ class Agent:
                 try:
                     await self._apply_rules()
                 except NetmirrorError as exc:
-                    self._answer(req.request_id, req.port, ok=False, error=str(exc))
+                    self._answer(tunnel, req.request_id, req.port, ok=False, error=str(exc))
                     return
                 sub.close()
                 log.info("released port %d", req.port)
-        self._answer(req.request_id, req.port, ok=True)
+        self._answer(tunnel, req.request_id, req.port, ok=True)
 
     def _check_port_free(self, port: int) -> None:
         for other, ports in list_sessions(self.backend).items():
@@ -464,15 +470,19 @@ class Agent:
                     break
         finally:
             log.info("shutting down")
-            if self.tunnel is not None:
-                await self.tunnel.close()
-            for sub in self.subs.values():
-                sub.close()
+            # Rules first: from here on new connections reach the target's own
+            # server; only then close our listeners, and last the tunnel.
+            async with self._fw_lock:
+                await asyncio.to_thread(self.firewall.teardown)
+                for sub in self.subs.values():
+                    sub.close()
+                self.subs.clear()
             if self.capture is not None:
                 self.capture.stop()
-            async with self._fw_lock:
-                self.subs.clear()
-                await asyncio.to_thread(self.firewall.teardown)
+            if self.tunnel is not None:
+                # Tell the daemon not to reconnect: this agent is going away.
+                self.tunnel.conn.fail("stopping", "the agent is stopping")
+                await self.tunnel.close()
             await self.tasks.close()
             await runner.cleanup()
 

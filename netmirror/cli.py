@@ -55,9 +55,12 @@ def control(sdir: SessionDir, command: str, *, timeout: float = CONTROL_TIMEOUT)
     return answer
 
 
-def _kill(pid: int, *, timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; returns once the pid is gone."""
-    if not pid_alive(pid):
+def _kill(pid: int, start: int = 0, *, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; returns once the pid is gone.
+
+    ``start`` (recorded start time) makes sure a reused pid is left alone.
+    """
+    if not pid_alive(pid, start):
         return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -80,12 +83,12 @@ def clean_stale(sdir: SessionDir) -> bool:
             return False
         sdir.remove()
         return True
-    if pid_alive(record.daemon_pid) or (
+    if pid_alive(record.daemon_pid, record.daemon_start) or (
         record.daemon_pid == 0 and time.time() - record.created < 60
     ):
         return False
     # The agent removes its rules when it exits; its guard does if it is killed.
-    _kill(record.agent_pid)
+    _kill(record.agent_pid, record.agent_start)
     sdir.remove()
     return True
 
@@ -243,7 +246,8 @@ def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: flo
     if "error" in outcome:
         _kill(proc.pid)
         with contextlib.suppress(SessionError):
-            _kill(sdir.read().agent_pid)
+            record = sdir.read()
+            _kill(record.agent_pid, record.agent_start)
         sdir.remove()
         raise SessionError(str(outcome["error"]))
     status = outcome.get("status", {})
@@ -292,12 +296,12 @@ def cmd_down(args: argparse.Namespace) -> int:
         try:
             control(sdir, "down")
             deadline = time.monotonic() + 15
-            while pid_alive(record.daemon_pid) and time.monotonic() < deadline:
+            while pid_alive(record.daemon_pid, record.daemon_start) and time.monotonic() < deadline:
                 time.sleep(0.05)
         except SessionError:
             pass
-        _kill(record.daemon_pid)
-        _kill(record.agent_pid)
+        _kill(record.daemon_pid, record.daemon_start)
+        _kill(record.agent_pid, record.agent_start)
         sdir.remove()
         print(f"session {sdir.name!r} is down")
     return 0

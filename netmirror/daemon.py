@@ -27,7 +27,7 @@ from netmirror.errors import AgentError, NetmirrorError
 from netmirror.pcapfile import PcapSink, PcapWriter
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
-from netmirror.state import SessionDir, SessionRecord
+from netmirror.state import SessionDir, SessionRecord, pid_start
 from netmirror.targets import AgentHandle, AgentSettings, resolve_target
 from netmirror.tasks import TaskSet
 from netmirror.tunnel import PortStats, StreamBridge, Tunnel
@@ -38,6 +38,7 @@ CONNECT_TIMEOUT = 10.0
 SUBSCRIBE_TIMEOUT = 15.0
 WS_HEARTBEAT = 10.0
 BACKOFF_MAX = 2.0
+MIRROR_EXTRA_WINDOW = 3 * 1024 * 1024
 
 
 class Progress:
@@ -100,6 +101,7 @@ class Daemon:
         self._answers: dict[int, asyncio.Future[ev.SubscriptionAnswered]] = {}
         self._session: aiohttp.ClientSession | None = None
         self.agent_stats: dict[str, Any] = {}
+        self._agent_stopping = False
         self.pcap: PcapWriter | None = None
 
     # --- tunnel events -----------------------------------------------------------
@@ -117,6 +119,8 @@ class Daemon:
             if self._welcomed is not None and not self._welcomed.done():
                 self._welcomed.set_result(event)
         elif isinstance(event, ev.ErrorReceived):
+            if event.code == "stopping":
+                self._agent_stopping = True
             log.warning("agent reported an error: %s: %s", event.code, event.message)
             if self._welcomed is not None and not self._welcomed.done():
                 self._welcomed.set_exception(AgentError(f"the agent refused us: {event.message}"))
@@ -145,6 +149,11 @@ class Daemon:
             discard_replies=bool(event.info.get("mirror")),
         )
         tunnel.attach(bridge)
+        if event.info.get("mirror"):
+            # A copy cannot be slowed down at its source: give it room to absorb
+            # bursts (the agent drops a copy that falls further behind).
+            tunnel.conn.grant(event.stream_id, MIRROR_EXTRA_WINDOW)
+            tunnel.kick()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "stream %d from %s:%d to %s:%d", event.stream_id, *event.client, *event.original_dst
@@ -176,7 +185,11 @@ class Daemon:
         assert self.agent is not None
         if self._session is not None:
             await self._session.close()
-        self._session = aiohttp.ClientSession(connector=self.agent.connector())
+        # The timeout bounds the websocket handshake only, not the tunnel's life.
+        self._session = aiohttp.ClientSession(
+            connector=self.agent.connector(),
+            timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT),
+        )
         deadline = time.monotonic() + CONNECT_TIMEOUT
         delay = 0.05
         while True:
@@ -321,8 +334,15 @@ class Daemon:
         control = await asyncio.start_unix_server(self._control, path=str(self.sdir.control_socket))
         os.chmod(self.sdir.control_socket, 0o600)
         try:
+            start = self.tasks.spawn(self._start(), name="start")
+            stop = self.tasks.spawn(self._stop.wait(), name="stop-while-starting")
+            await asyncio.wait([start, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():
+                start.cancel()
+                self.progress.send(error="stopped while starting")
+                return 1
             try:
-                tunnel_task = await self._start()
+                tunnel_task = start.result()
             except NetmirrorError as exc:
                 log.error("%s", exc)
                 self.progress.send(error=str(exc))
@@ -353,6 +373,7 @@ class Daemon:
         )
         self.agent = await target.start_agent(settings, log_file=self.log_file)
         self.record.agent_pid = self.agent.pid
+        self.record.agent_start = pid_start(self.agent.pid) or 0 if self.agent.pid else 0
         self.sdir.write(self.record)
         self.progress.step("connecting to the agent")
         tunnel = await self._connect()
@@ -368,6 +389,9 @@ class Daemon:
                 return
             reason = tunnel_task.result() if not tunnel_task.cancelled() else "cancelled"
             assert self.agent is not None
+            if self._agent_stopping:
+                log.error("the agent stopped (%s); ending the session", reason)
+                return
             if self.agent.exit_status() is not None:
                 log.error(
                     "the agent exited with code %s; ending the session", self.agent.exit_status()
@@ -405,12 +429,14 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("stopping the session")
+        # The agent first: it removes its rules before it closes its listeners and
+        # the tunnel, so new connections go straight back to the target.
+        if self.agent is not None:
+            await self.agent.stop(self.tunnel)
+            log.info("agent stopped (exit code %s)", self.agent.exit_status())
         if self.tunnel is not None:
             await self.tunnel.close()
             self.tunnel.abort_streams("the session is stopping")
-        if self.agent is not None:
-            await self.agent.stop()
-            log.info("agent stopped (exit code %s)", self.agent.exit_status())
         await self.tasks.close()
         if self._session is not None:
             await self._session.close()
@@ -436,6 +462,7 @@ def run(session: str, *, ready_fd: int | None, debug: bool = False) -> int:
         progress.send(error=f"cannot read the session: {exc}")
         return 1
     record.daemon_pid = os.getpid()
+    record.daemon_start = pid_start(os.getpid()) or 0
     sdir.write(record)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -32,21 +32,30 @@ def state_root() -> Path:
     return Path(tempfile.gettempdir()) / f"netmirror-{os.getuid()}"
 
 
-def pid_alive(pid: int | None) -> bool:
-    """True when a process with ``pid`` exists (and is not a zombie)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+def pid_start(pid: int) -> int | None:
+    """The start time of ``pid`` (clock ticks since boot), None if there is none.
+
+    A pid and its start time name one process: pids are reused, the pair is not.
+    """
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
+            fields = fh.read().rsplit(")", 1)[-1].split()
     except OSError:
+        return None
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def pid_alive(pid: int | None, start: int | None = None) -> bool:
+    """True when ``pid`` runs (not a zombie) and, if ``start`` is known, is the same
+    process that was recorded, not a later one that reused the pid."""
+    if not pid or pid <= 0:
         return False
+    now = pid_start(pid)
+    if now is None:
+        return False
+    return start is None or start == 0 or now == start
 
 
 @dataclass
@@ -59,6 +68,9 @@ class SessionRecord:
     created: float
     daemon_pid: int = 0
     agent_pid: int = 0
+    daemon_start: int = 0
+    """Start time of ``daemon_pid`` (see :func:`pid_start`)."""
+    agent_start: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

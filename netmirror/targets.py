@@ -18,11 +18,14 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import aiohttp
 
 from netmirror.errors import AgentError, TargetError
+
+if TYPE_CHECKING:
+    from netmirror.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +69,9 @@ class AgentHandle(abc.ABC):
         """The agent's exit code, or None while it runs."""
 
     @abc.abstractmethod
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Ask the agent to clean up and exit; kill it after ``timeout``."""
+    async def stop(self, tunnel: Tunnel | None, timeout: float = 5.0) -> None:
+        """Ask the agent to clean up and exit (through ``tunnel`` where there is no
+        other way); kill it after ``timeout`` where possible."""
 
 
 class Target(abc.ABC):
@@ -108,7 +112,7 @@ class LocalAgent(AgentHandle):
     def exit_status(self) -> int | None:
         return self._proc.returncode
 
-    async def stop(self, timeout: float = 5.0) -> None:
+    async def stop(self, tunnel: Tunnel | None, timeout: float = 5.0) -> None:
         if self._proc.returncode is not None:
             return
         with contextlib.suppress(ProcessLookupError):

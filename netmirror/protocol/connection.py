@@ -73,7 +73,7 @@ class Limits:
     """Largest JSON control frame accepted."""
     max_streams: int = 16384
     """Streams open at once; the peer's further streams are reset."""
-    initial_window: int = 4 * 1024 * 1024
+    initial_window: int = 1024 * 1024
     """Bytes the peer may send on a stream before it waits for credit."""
     max_subscriptions: int = 256
     """Ports one tunnel may subscribe at once."""
