@@ -38,7 +38,6 @@ CONNECT_TIMEOUT = 10.0
 SUBSCRIBE_TIMEOUT = 15.0
 WS_HEARTBEAT = 10.0
 BACKOFF_MAX = 2.0
-MIRROR_EXTRA_WINDOW = 3 * 1024 * 1024
 
 
 class Progress:
@@ -149,11 +148,6 @@ class Daemon:
             discard_replies=bool(event.info.get("mirror")),
         )
         tunnel.attach(bridge)
-        if event.info.get("mirror"):
-            # A copy cannot be slowed down at its source: give it room to absorb
-            # bursts (the agent drops a copy that falls further behind).
-            tunnel.conn.grant(event.stream_id, MIRROR_EXTRA_WINDOW)
-            tunnel.kick()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "stream %d from %s:%d to %s:%d", event.stream_id, *event.client, *event.original_dst

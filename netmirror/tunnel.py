@@ -125,7 +125,12 @@ class StreamBridge(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._consumed = 0
-        self._grant_step = max(1, tunnel.conn.limits.initial_window // 4)
+        # The window this side grants starts small and doubles while the socket
+        # keeps up, so a fast stream gets room for bandwidth x delay and a slow
+        # one holds little memory.
+        self._window = tunnel.conn.limits.initial_window
+        self._max_window = max(self._window, tunnel.conn.limits.max_window)
+        self._grant_step = max(1, self._window // 4)
         self._closed = False
         self._aborted = False
 
@@ -214,11 +219,17 @@ class StreamBridge(asyncio.Protocol):
         self.transport.write(data)
         self._consumed += len(data)
         if not self._write_paused and self._consumed >= self._grant_step:
-            self._grant()
+            # Nothing left in the buffer: the socket keeps up, so the window may grow.
+            self._grant(grow=self.transport.get_write_buffer_size() == 0)
 
-    def _grant(self) -> None:
+    def _grant(self, *, grow: bool = False) -> None:
         if self._consumed:
-            self.tunnel.conn.grant(self.stream_id, self._consumed)
+            extra = 0
+            if grow and self._window < self._max_window:
+                extra = min(self._window, self._max_window - self._window)
+                self._window += extra
+                self._grant_step = self._window // 4
+            self.tunnel.conn.grant(self.stream_id, self._consumed + extra)
             self._consumed = 0
             self.tunnel.kick()
 

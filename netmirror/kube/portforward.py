@@ -299,6 +299,7 @@ class LocalForwarder:
         """Listen on :attr:`path` (mode 0600; a stale socket there is replaced)."""
         if self._server is not None:
             raise RuntimeError("LocalForwarder already started")
+        self._closing = False
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

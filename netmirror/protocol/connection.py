@@ -73,16 +73,18 @@ class Limits:
     """Largest JSON control frame accepted."""
     max_streams: int = 16384
     """Streams open at once; the peer's further streams are reset."""
-    initial_window: int = 1024 * 1024
+    initial_window: int = 256 * 1024
     """Bytes the peer may send on a stream before it waits for credit."""
+    max_window: int = 4 * 1024 * 1024
+    """Largest window the I/O layer grows a stream to while its consumer keeps up."""
     max_subscriptions: int = 256
     """Ports one tunnel may subscribe at once."""
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_frame_size <= 16 * 1024 * 1024:
             raise ValueError("max_frame_size must be within 1 KiB..16 MiB")
-        if not 1 <= self.initial_window <= MAX_WINDOW:
-            raise ValueError("initial_window must be within 1..2**31-1")
+        if not 1 <= self.initial_window <= MAX_WINDOW or not 1 <= self.max_window <= MAX_WINDOW:
+            raise ValueError("windows must be within 1..2**31-1")
         if self.max_streams < 1 or self.max_subscriptions < 1 or self.max_control_size < 512:
             raise ValueError("limits must be positive")
 

@@ -154,9 +154,7 @@ class FakePortForward:
             await ws.send_bytes(b"\x01" + text.encode())
             return
         to_pod = asyncio.create_task(self._to_pod(ws, writer), name="fake-portforward-to-pod")
-        from_pod = asyncio.create_task(
-            self._from_pod(reader, ws), name="fake-portforward-from-pod"
-        )
+        from_pod = asyncio.create_task(self._from_pod(reader, ws), name="fake-portforward-from-pod")
         try:
             await asyncio.wait((to_pod, from_pod), return_when=asyncio.FIRST_COMPLETED)
         finally:

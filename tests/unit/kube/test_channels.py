@@ -105,7 +105,9 @@ def test_data_before_announcement() -> None:
 @pytest.mark.parametrize("channel", [0, 1])
 def test_announced_port_must_match(channel: int) -> None:
     codec = PortForwardChannels(8080)
-    with pytest.raises(ProtocolError, match=f"channel {channel} announced port 8081, expected 8080"):
+    with pytest.raises(
+        ProtocolError, match=f"channel {channel} announced port 8081, expected 8080"
+    ):
         codec.feed(port_frame(channel, 8081))
 
 
