@@ -620,7 +620,14 @@ def test_json_schema() -> None:
     assert schema["title"] == "netmirror configuration"
     assert schema["type"] == "object"
     assert schema["additionalProperties"] is False
-    assert list(schema["properties"]) == ["target", "session", "ports", "agent", "pcap", "kubernetes"]
+    assert list(schema["properties"]) == [
+        "target",
+        "session",
+        "ports",
+        "agent",
+        "pcap",
+        "kubernetes",
+    ]
     port = schema["$defs"]["PortConfig"]
     assert list(port["properties"]) == ["remote", "mode", "local", "local_host", "mirror"]
     assert port["required"] == ["remote"]
