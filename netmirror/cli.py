@@ -128,6 +128,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             agent_image=args.agent_image,
             mirror_method=args.mirror_method,
             pcap=args.pcap,
+            namespace=args.namespace,
+            context=args.context,
+            agent_mode=args.agent_mode,
         ),
     )
     if config.pcap is not None:
@@ -412,6 +415,24 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from netmirror.kube.target import list_targets
+
+    result = asyncio.run(list_targets(namespace=args.namespace, context=args.context))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"namespace {result['namespace']}")
+    if not result["targets"]:
+        print("  no pods, deployments or statefulsets")
+    for t in result["targets"]:
+        ports = ", ".join(t["ports"]) or "-"
+        print(f"  {t['target']:<48} ready {t['ready']:<8} ports {ports}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "schema":
         print(json.dumps(json_schema(), indent=2))
@@ -509,8 +530,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--pcap", metavar="FILE", help="save the mirrored ports' packets here")
     up.add_argument("--session", "-s", help="session name (default: from the target)")
     up.add_argument("--agent-image", help="agent container image (Kubernetes targets)")
+    up.add_argument(
+        "--agent-mode",
+        choices=["ephemeral", "job"],
+        help="Kubernetes: ephemeral container in the pod (default) or a job pod on its node",
+    )
+    up.add_argument("-n", "--namespace", help="Kubernetes namespace of the target")
+    up.add_argument("--context", help="kubeconfig context")
     up.add_argument("--timeout", type=float, help="seconds to wait until ready")
     up.set_defaults(func=cmd_up)
+
+    ls = sub.add_parser("ls", help="Kubernetes targets you can use, with their ports")
+    ls.add_argument("-n", "--namespace")
+    ls.add_argument("--context")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
 
     down = sub.add_parser("down", help="stop a session and remove every rule")
     down.add_argument("--session", "-s")

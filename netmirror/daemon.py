@@ -353,7 +353,7 @@ class Daemon:
             await self._shutdown()
 
     async def _start(self) -> asyncio.Task[str]:
-        target = resolve_target(self.record.target)
+        target = resolve_target(self.record.target, self.config)
         if self.config.pcap is not None:
             self.pcap = PcapWriter(Path(self.config.pcap.path), self.config.pcap.max_bytes)
         self.progress.step(f"starting the agent in {target.describe()}")
@@ -365,7 +365,9 @@ class Daemon:
             ready_timeout=self.config.agent.ready_timeout,
             debug=self.debug,
         )
-        self.agent = await target.start_agent(settings, log_file=self.log_file)
+        self.agent = await target.start_agent(
+            settings, log_file=self.log_file, progress=self.progress.step
+        )
         self.record.agent_pid = self.agent.pid
         self.record.agent_start = pid_start(self.agent.pid) or 0 if self.agent.pid else 0
         self.sdir.write(self.record)

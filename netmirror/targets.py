@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ import aiohttp
 from netmirror.errors import AgentError, TargetError
 
 if TYPE_CHECKING:
+    from netmirror.config import Config
     from netmirror.tunnel import Tunnel
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,13 @@ class Target(abc.ABC):
         """One line for people."""
 
     @abc.abstractmethod
-    async def start_agent(self, settings: AgentSettings, *, log_file: IO[bytes]) -> AgentHandle:
+    async def start_agent(
+        self,
+        settings: AgentSettings,
+        *,
+        log_file: IO[bytes],
+        progress: Callable[[str], None] | None = None,
+    ) -> AgentHandle:
         """Start an agent in the target and wait until it listens."""
 
 
@@ -136,7 +144,13 @@ class LocalNamespaceTarget(Target):
     def describe(self) -> str:
         return f"{self.spec} ({self.netns_path})"
 
-    async def start_agent(self, settings: AgentSettings, *, log_file: IO[bytes]) -> AgentHandle:
+    async def start_agent(
+        self,
+        settings: AgentSettings,
+        *,
+        log_file: IO[bytes],
+        progress: Callable[[str], None] | None = None,
+    ) -> AgentHandle:
         socket_path = settings.workdir / "agent.sock"
         cmd = [
             sys.executable,
@@ -188,7 +202,7 @@ class LocalNamespaceTarget(Target):
         return LocalAgent(proc, socket_path, message)
 
 
-def resolve_target(spec: str) -> Target:
+def resolve_target(spec: str, config: Config | None = None) -> Target:
     """Turn ``kind/name`` into a :class:`Target`, or raise :class:`TargetError`."""
     kind, sep, name = spec.partition("/")
     if not sep or not name:
@@ -217,7 +231,16 @@ def resolve_target(spec: str) -> Target:
             raise TargetError(f"cannot enter the network namespace of pid {name}: run as root")
         return LocalNamespaceTarget(spec, path)
     if kind in KUBERNETES_KINDS:
-        raise TargetError(
-            f"Kubernetes targets ({kind}/NAME) are not supported yet; use netns/NAME or pid/PID"
+        from netmirror.config import Config
+        from netmirror.kube.target import KubeTarget
+
+        cfg = config or Config()
+        return KubeTarget(
+            spec,
+            namespace=cfg.kubernetes.namespace,
+            context=cfg.kubernetes.context,
+            image=cfg.agent.image,
+            mode=cfg.agent.mode,
+            port=cfg.agent.port,
         )
     raise TargetError(f"unknown target kind {kind!r} in {spec!r}; use netns/NAME or pid/PID")
