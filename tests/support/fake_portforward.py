@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -49,6 +49,11 @@ def _status(code: int, reason: str, message: str) -> web.Response:
     return web.Response(status=code, text=json.dumps(body), content_type="application/json")
 
 
+Connector = Callable[
+    [tuple[str, int]], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+]
+
+
 class FakePortForward:
     """Handler of the port-forward endpoint; ``resolve`` maps (ns, pod, port) to TCP.
 
@@ -56,9 +61,17 @@ class FakePortForward:
     and one with another token gets 403.
     """
 
-    def __init__(self, resolve: Resolver, *, require_token: str | None = None) -> None:
+    def __init__(
+        self,
+        resolve: Resolver,
+        *,
+        require_token: str | None = None,
+        connect: Connector | None = None,
+    ) -> None:
         self.resolve = resolve
         self.require_token = require_token
+        # How to reach the pod: a test may connect inside a network namespace.
+        self.connect: Connector = connect or (lambda target: asyncio.open_connection(*target))
         self.requests: list[Request] = []
         self.bytes_to_pod = 0
         self.bytes_from_pod = 0
@@ -145,7 +158,7 @@ class FakePortForward:
         await ws.send_bytes(b"\x00" + announcement)
         await ws.send_bytes(b"\x01" + announcement)
         try:
-            reader, writer = await asyncio.open_connection(*target)
+            reader, writer = await self.connect(target)
         except OSError as err:
             text = (
                 f"an error occurred forwarding {port} -> {port}: error forwarding port {port} "

@@ -1,0 +1,336 @@
+"""Kubernetes targets end to end, without a cluster.
+
+The API server is the kmock emulator (REST: deployments, pods, patches), fronted by
+a small aiohttp app for what an emulator cannot do: the pod port-forward websocket
+(relayed into the sandbox namespace's loopback) and the kubelet's part of an
+ephemeral container (it runs the container's command, from the spec netmirror
+sent, as a real agent in the sandbox namespace). `netmirror up --target
+deployment/web` then runs for real: resolution, patch, port-forward, steal,
+traffic from the host to the "pod" answered locally, and `down`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from netmirror.sandbox import Sandbox
+from tests.integration.conftest import REPO, Env, free_port
+from tests.support.fake_portforward import FakePortForward
+from tests.unit.test_manifests import field_problems
+
+kmock = pytest.importorskip("kmock", reason="the kmock API emulator is not installed")
+pytestmark = pytest.mark.integration
+
+NS = "shop"
+POD = "web-7c9d8f6b5-x2k4q"
+POD_PORT = 8080
+
+
+def connect_in_netns(netns: str, target: tuple[str, int]) -> socket.socket:
+    """A TCP connection made from inside ``netns`` (as the kubelet reaches a pod)."""
+    from pyroute2 import netns as pyroute_netns
+
+    result: dict[str, Any] = {}
+
+    def work() -> None:  # setns changes only this short-lived thread
+        try:
+            pyroute_netns.setns(netns, flags=0)
+            result["sock"] = socket.create_connection(target, timeout=5)
+        except OSError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, name="connect-in-netns")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    sock: socket.socket = result["sock"]
+    sock.setblocking(False)
+    return sock
+
+
+class FakeCluster:
+    """kmock plus the kubelet's side of ephemeral containers and port-forward."""
+
+    def __init__(self, sandbox: Sandbox, env: dict[str, str], log: Path) -> None:
+        self.sandbox = sandbox
+        self.env = env
+        self.log = log
+        self.agents: list[subprocess.Popen[bytes]] = []
+        self.patches: list[dict[str, Any]] = []
+        self.spec_problems: list[str] = []
+        self.portforward = FakePortForward(self._resolve, connect=self._connect)
+
+    def _resolve(self, ns: str, pod: str, port: int) -> tuple[str, int] | None:
+        return ("127.0.0.1", port) if (ns, pod) == (NS, POD) else None
+
+    async def _connect(
+        self, target: tuple[str, int]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = await asyncio.to_thread(connect_in_netns, self.sandbox.netns, target)
+        return await asyncio.open_connection(sock=sock)
+
+    async def _patch_ephemeral(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.patches.append({"content_type": request.content_type, "body": body})
+        self.spec_problems += field_problems(body, "V1Pod", "patch")
+        (container,) = body["spec"]["ephemeralContainers"]
+        # The kubelet's part: run the container's command in the pod's namespace.
+        cmd = [sys.executable, "-m", "netmirror", "agent", *container["args"]]
+        with open(self.log, "ab") as log:
+            self.agents.append(self.sandbox.popen(*cmd, stdout=log, stderr=log, env=self.env))
+        status = {
+            "status": {
+                "ephemeralContainerStatuses": [
+                    {
+                        "name": container["name"],
+                        "image": container["image"],
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                    }
+                ]
+            },
+            **body,
+        }
+        path = f"/api/v1/namespaces/{NS}/pods/{POD}"
+        async with self.http.patch(
+            self.kmock_url + path,
+            json=status,
+            headers={"Content-Type": "application/merge-patch+json"},
+        ) as response:
+            return web.json_response(await response.json(), status=response.status)
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        async with self.http.request(
+            request.method,
+            self.kmock_url + request.path_qs,
+            data=await request.read(),
+            headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
+        ) as response:
+            return web.Response(
+                body=await response.read(),
+                status=response.status,
+                content_type="application/json",
+            )
+
+    async def seed(self) -> None:
+        labels = {"app": "web"}
+        container = {
+            "name": "web",
+            "image": "web:1",
+            "ports": [{"containerPort": POD_PORT, "name": "http"}],
+        }
+        deployment = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": NS},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+            },
+            "status": {"readyReplicas": 1, "replicas": 1},
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": POD, "namespace": NS, "labels": labels},
+            "spec": {"nodeName": "node-1", "containers": [container]},
+            "status": {
+                "phase": "Running",
+                "podIP": self.sandbox.pod_ip,
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [
+                    {
+                        "name": "web",
+                        "ready": True,
+                        "restartCount": 0,
+                        "image": "web:1",
+                        "imageID": "",
+                        "containerID": "containerd://" + "c" * 64,
+                        "state": {"running": {}},
+                    }
+                ],
+            },
+        }
+        for path, obj in (
+            (f"/apis/apps/v1/namespaces/{NS}/deployments", deployment),
+            (f"/api/v1/namespaces/{NS}/pods", pod),
+        ):
+            async with self.http.post(self.kmock_url + path, json=obj) as response:
+                assert response.status < 300, await response.text()
+
+    async def __aenter__(self) -> FakeCluster:
+        self.emulator = kmock.KubernetesEmulator()
+        await self.emulator.__aenter__()
+        with warnings.catch_warnings():  # kmock 0.8 uses importlib.resources.read_binary
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.emulator.resources.load_bundled()  # discovery of a real cluster's kinds
+        self.kserver = kmock.Server(self.emulator)
+        await self.kserver.__aenter__()
+        self.kmock_url = str(self.kserver.url).rstrip("/")
+        self.http = aiohttp.ClientSession()
+        app = web.Application()
+        self.portforward.add_routes(app)
+        app.router.add_patch(
+            "/api/v1/namespaces/{ns}/pods/{pod}/ephemeralcontainers", self._patch_ephemeral
+        )
+        app.router.add_route("*", "/{tail:.*}", self._proxy)
+        self.runner = web.AppRunner(app, shutdown_timeout=2)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        await self.seed()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for agent in self.agents:
+            if agent.poll() is None:
+                agent.kill()
+            agent.wait()
+        await self.portforward.close()
+        await self.runner.cleanup()
+        await self.http.close()
+        await self.kserver.__aexit__(None, None, None)
+        await self.emulator.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def cluster(env: Env, tmp_path: Path) -> AsyncIterator[tuple[FakeCluster, dict[str, str]]]:
+    kenv = env.env
+    async with FakeCluster(env.sandbox, kenv, tmp_path / "kubelet.log") as fake:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
+                    "users": [{"name": "dev", "user": {"token": "dev-token"}}],
+                    "contexts": [
+                        {
+                            "name": "fake",
+                            "context": {"cluster": "fake", "user": "dev", "namespace": NS},
+                        }
+                    ],
+                    "current-context": "fake",
+                }
+            )
+        )
+        kenv = kenv | {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO)}
+        yield fake, kenv
+
+
+async def run(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "netmirror",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def curl(url: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        url,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    return out.decode()
+
+
+async def test_steal_a_deployment_through_the_api_server(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]]
+) -> None:
+    fake, kenv = cluster
+    env.server("http", POD_PORT, in_pod=True, text="pod\n")
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    assert await curl(url) == "pod\n"
+
+    code, out, err = await run(kenv, "ls", "--json")
+    assert code == 0, err
+    listed = {t["target"]: t for t in json.loads(out)["targets"]}
+    assert listed["deployment/web"]["ports"] == ["8080/http"]
+    assert f"pod/{POD}" in listed
+
+    code, out, err = await run(
+        kenv,
+        "up",
+        "--target",
+        "deployment/web",
+        "--steal",
+        f"{POD_PORT}:{local}",
+        "--session",
+        "kube",
+        "--agent-image",
+        "registry.example/netmirror-agent:test",
+    )
+    assert code == 0, err
+    assert f"using pod {POD}" in err
+    assert await curl(url) == "local\n"
+    # The token reached the pod spec only as a digest, through a strategic merge patch.
+    (patch,) = fake.patches
+    assert patch["content_type"] == "application/strategic-merge-patch+json"
+    assert fake.spec_problems == []
+    assert "--token-sha256" in patch["body"]["spec"]["ephemeralContainers"][0]["args"]
+    assert fake.portforward.requests, "the tunnel did not go through the port-forward"
+
+    code, out, err = await run(kenv, "status", "--json")
+    session = json.loads(out)["sessions"][0]
+    assert session["agent"]["state"] == "connected"
+    assert session["ports"][0]["connections_total"] == 1
+
+    code, out, err = await run(kenv, "down", "--session", "kube")
+    assert code == 0, err
+    # The agent was asked to leave: it removed its rules and exited.
+    (agent,) = fake.agents
+    await asyncio.to_thread(agent.wait, 10)
+    assert agent.returncode == 0
+    assert env.chains() == ""
+    assert await curl(url) == "pod\n"
+
+
+async def test_clear_errors(env: Env, cluster: tuple[FakeCluster, dict[str, str]]) -> None:
+    _, kenv = cluster
+    code, _, err = await run(kenv, "up", "--target", "deployment/wbe", "--steal", "80")
+    assert code == 1
+    # Progress lines come first when stderr is not a terminal; the error is one line.
+    assert err.strip().splitlines()[-1] == (
+        "netmirror: deployment 'wbe' not found in namespace 'shop' (did you mean web?)"
+    )
+    code, _, err = await run(kenv, "up", "--target", f"pod/{POD}/container/nope", "--steal", "80")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"netmirror: pod '{POD}' has no container 'nope' (it has web)"
+    )
+    assert not os.listdir(env.state_dir) if env.state_dir.exists() else True
