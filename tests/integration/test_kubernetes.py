@@ -91,7 +91,7 @@ class FakeCluster:
         (container,) = body["spec"]["ephemeralContainers"]
         # The kubelet's part: run the container's command in the pod's namespace.
         cmd = [sys.executable, "-m", "netmirror", "agent", *container["args"]]
-        with open(self.log, "ab") as log:
+        with open(self.log, "ab") as log:  # noqa: ASYNC230 - a test log, opened once
             self.agents.append(self.sandbox.popen(*cmd, stdout=log, stderr=log, env=self.env))
         status = {
             "status": {
