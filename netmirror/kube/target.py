@@ -526,6 +526,8 @@ class KubeTarget(Target):
                 ).items
             except Exception as exc:
                 raise _api_error(exc, verb="list", resource="pods", namespace=ns) from None
+            # Filtered here too: a selector the server ignored must not pick another pod.
+            pods = [p for p in pods if (p.metadata.labels or {}).get("job-name") == name]
             if pods:
                 agent_pod = str(pods[0].metadata.name)
                 await self._wait_running(

@@ -12,6 +12,7 @@ traffic from the host to the "pod" answered locally, and `down`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,27 +73,93 @@ class FakeCluster:
         self.log = log
         self.agents: list[subprocess.Popen[bytes]] = []
         self.patches: list[dict[str, Any]] = []
+        self.jobs: list[dict[str, Any]] = []
+        self.job_pods: set[str] = set()
         self.spec_problems: list[str] = []
         self.portforward = FakePortForward(self._resolve, connect=self._connect)
 
     def _resolve(self, ns: str, pod: str, port: int) -> tuple[str, int] | None:
-        return ("127.0.0.1", port) if (ns, pod) == (NS, POD) else None
+        if (ns, pod) == (NS, POD):
+            return ("127.0.0.1", port)  # the target pod's loopback
+        if ns == NS and pod in self.job_pods:
+            return ("host", port)  # a job pod: here, the host's own loopback
+        return None
 
     async def _connect(
         self, target: tuple[str, int]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if target[0] == "host":
+            return await asyncio.open_connection("127.0.0.1", target[1])
         sock = await asyncio.to_thread(connect_in_netns, self.sandbox.netns, target)
         return await asyncio.open_connection(sock=sock)
+
+    async def _create_job(self, request: web.Request) -> web.StreamResponse:
+        """The job controller and kubelet: a pod on the host (hostPID) runs the agent."""
+        body = await request.json()
+        self.jobs.append(body)
+        self.spec_problems += field_problems(body, "V1Job", "job")
+        name = body["metadata"]["name"]
+        pod_name = f"{name}-abcde"
+        container = body["spec"]["template"]["spec"]["containers"][0]
+        cmd = [sys.executable, "-m", "netmirror", "agent", *container["args"]]
+        with open(self.log, "ab") as log:  # noqa: ASYNC230 - a test log, opened once
+            self.agents.append(subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env))  # noqa: ASYNC220
+        self.job_pods.add(pod_name)
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod_name, "namespace": NS, "labels": {"job-name": name}},
+            "spec": body["spec"]["template"]["spec"],
+            "status": {
+                "phase": "Running",
+                "containerStatuses": [
+                    {
+                        "name": "agent",
+                        "ready": True,
+                        "restartCount": 0,
+                        "image": container["image"],
+                        "imageID": "",
+                        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                    }
+                ],
+            },
+        }
+        async with self.http.post(
+            f"{self.kmock_url}/api/v1/namespaces/{NS}/pods", json=pod
+        ) as response:
+            assert response.status < 300, await response.text()
+        async with self.http.post(self.kmock_url + request.path_qs, json=body) as response:
+            return web.json_response(await response.json(), status=response.status)
 
     async def _patch_ephemeral(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.patches.append({"content_type": request.content_type, "body": body})
         self.spec_problems += field_problems(body, "V1Pod", "patch")
         (container,) = body["spec"]["ephemeralContainers"]
+        if "--session" in container["args"] and "denied" in container["args"]:
+            return web.json_response(
+                {
+                    "kind": "Status",
+                    "status": "Failure",
+                    "reason": "Forbidden",
+                    "code": 403,
+                    "message": 'pods "x" is forbidden: cannot patch ephemeralcontainers',
+                },
+                status=403,
+            )
+        state: dict[str, Any] = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+        if container["image"].startswith("missing/"):
+            state = {
+                "waiting": {
+                    "reason": "ErrImagePull",
+                    "message": f"pull access denied for {container['image']}",
+                }
+            }
         # The kubelet's part: run the container's command in the pod's namespace.
         cmd = [sys.executable, "-m", "netmirror", "agent", *container["args"]]
-        with open(self.log, "ab") as log:  # noqa: ASYNC230 - a test log, opened once
-            self.agents.append(self.sandbox.popen(*cmd, stdout=log, stderr=log, env=self.env))
+        if "running" in state:
+            with open(self.log, "ab") as log:  # noqa: ASYNC230 - a test log, opened once
+                self.agents.append(self.sandbox.popen(*cmd, stdout=log, stderr=log, env=self.env))
         status = {
             "status": {
                 "ephemeralContainerStatuses": [
@@ -102,7 +169,7 @@ class FakeCluster:
                         "imageID": "",
                         "ready": False,
                         "restartCount": 0,
-                        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+                        "state": state,
                     }
                 ]
             },
@@ -164,7 +231,7 @@ class FakeCluster:
                         "image": "web:1",
                         "imageID": "",
                         "containerID": "containerd://" + "c" * 64,
-                        "state": {"running": {}},
+                        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
                     }
                 ],
             },
@@ -191,6 +258,7 @@ class FakeCluster:
         app.router.add_patch(
             "/api/v1/namespaces/{ns}/pods/{pod}/ephemeralcontainers", self._patch_ephemeral
         )
+        app.router.add_post("/apis/batch/v1/namespaces/{ns}/jobs", self._create_job)
         app.router.add_route("*", "/{tail:.*}", self._proxy)
         self.runner = web.AppRunner(app, shutdown_timeout=2)
         await self.runner.setup()
@@ -334,3 +402,90 @@ async def test_clear_errors(env: Env, cluster: tuple[FakeCluster, dict[str, str]
         f"netmirror: pod '{POD}' has no container 'nope' (it has web)"
     )
     assert not os.listdir(env.state_dir) if env.state_dir.exists() else True
+
+
+async def test_rbac_and_image_errors_are_one_line(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]]
+) -> None:
+    _, kenv = cluster
+    code, _, err = await run(
+        kenv, "up", "--target", "deployment/web", "--steal", "80", "--session", "denied"
+    )
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        "netmirror: forbidden: you cannot patch pods/ephemeralcontainers in namespace 'shop' "
+        "(netmirror needs the Role in manifests/rbac.yaml)"
+    )
+    code, _, err = await run(
+        kenv,
+        "up",
+        "--target",
+        "deployment/web",
+        "--steal",
+        "80",
+        "--session",
+        "pull",
+        "--agent-image",
+        "missing/agent:1",
+    )
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("netmirror: the agent image missing/agent:1 cannot be pulled")
+    assert "ErrImagePull" in last
+
+
+@pytest.fixture
+def container_cgroup(env: Env) -> Iterator[Path]:
+    """A real cgroup named after the target container, holding the pod's server."""
+    root = Path("/sys/fs/cgroup/pids")
+    if not root.is_dir() or not os.access(root, os.W_OK):
+        pytest.skip("needs a writable cgroup v1 pids hierarchy to stand in for a container")
+    group = root / ("netmirror-test-cri-containerd-" + "c" * 64)
+    group.mkdir(exist_ok=True)
+    try:
+        yield group
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(OSError):
+                (root / "cgroup.procs").write_text(pid)
+        group.rmdir()
+
+
+async def test_job_mode_enters_the_container_namespace(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]], container_cgroup: Path
+) -> None:
+    fake, kenv = cluster
+    server = env.server("http", POD_PORT, in_pod=True, text="pod\n")
+    (container_cgroup / "cgroup.procs").write_text(str(server.pid))
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    code, _, err = await run(
+        kenv,
+        "up",
+        "--target",
+        "deployment/web",
+        "--steal",
+        f"{POD_PORT}:{local}",
+        "--session",
+        "job",
+        "--agent-mode",
+        "job",
+    )
+    assert code == 0, err
+    assert "starting agent job" in err
+    (job,) = fake.jobs
+    assert fake.spec_problems == []
+    pod_spec = job["spec"]["template"]["spec"]
+    assert pod_spec["hostPID"] is True and pod_spec["nodeName"] == "node-1"
+    assert await curl(url) == "local\n"
+    code, _, err = await run(kenv, "down", "--session", "job")
+    assert code == 0, err
+    await asyncio.to_thread(fake.agents[0].wait, 10)
+    assert env.chains() == ""
+    assert await curl(url) == "pod\n"
+    # down deleted the job it created.
+    async with fake.http.get(
+        f"{fake.kmock_url}/apis/batch/v1/namespaces/{NS}/jobs/{job['metadata']['name']}"
+    ) as response:
+        assert response.status == 404

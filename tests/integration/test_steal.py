@@ -223,10 +223,12 @@ def test_failures_are_one_line_and_leave_nothing(env: Env) -> None:
             "--steal: 'eighty' is not REMOTE[:LOCAL]",
         ),
         (["--target", env.sandbox.target], "no ports to take"),
-        (["--target", "pod/web", "--steal", "80"], "Kubernetes targets"),
+        (["--target", "pod/web", "--steal", "80"], "no Kubernetes configuration"),
     ]
+    no_cluster = env.env | {"KUBECONFIG": str(env.state_dir.parent / "missing-kubeconfig")}
+    no_cluster.pop("KUBERNETES_SERVICE_HOST", None)
     for args, message in cases:
-        result = env.netmirror("up", *args)
+        result = env.netmirror("up", *args, env=no_cluster)
         assert result.returncode != 0, args
         lines = result.stderr.strip().splitlines()
         assert message in lines[-1], (args, result.stderr)
