@@ -485,6 +485,9 @@ class Agent:
                 await self.tunnel.close()
             await self.tasks.close()
             await runner.cleanup()
+            if kind == "unix":
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(where)  # leave no socket file behind
 
 
 def describe_namespace() -> dict[str, Any]:

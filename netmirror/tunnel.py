@@ -188,6 +188,8 @@ class StreamBridge(asyncio.Protocol):
                 pass
             else:
                 reason = f"local socket closed: {exc!r}" if exc else "local socket closed"
+                if exc is not None:
+                    self.stats.error(reason)
                 self.tunnel.conn.reset(self.stream_id, reason)
                 self.tunnel.kick()
         self.tunnel.forget(self)
