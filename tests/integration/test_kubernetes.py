@@ -489,3 +489,52 @@ async def test_job_mode_enters_the_container_namespace(
         f"{fake.kmock_url}/apis/batch/v1/namespaces/{NS}/jobs/{job['metadata']['name']}"
     ) as response:
         assert response.status == 404
+
+
+async def test_tunnel_cut_reconnects_and_resets_what_it_cut(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]]
+) -> None:
+    fake, kenv = cluster
+    env.server("http", POD_PORT, in_pod=True, text="pod\n")  # never echoes
+    local = free_port()
+    env.server("echo", local, in_pod=False)
+    code, _, err = await run(
+        kenv,
+        "up",
+        "--target",
+        "deployment/web",
+        "--steal",
+        f"{POD_PORT}:{local}",
+        "--session",
+        "cut",
+    )
+    assert code == 0, err
+    reader, writer = await asyncio.open_connection(env.sandbox.pod_ip, POD_PORT)
+    writer.write(b"before the cut")
+    assert await reader.readexactly(14) == b"before the cut"
+    # The API server drops every port-forward (an API server restart, a flaky VPN).
+    await fake.portforward.close()
+    cut = asyncio.get_running_loop().time()
+    # The connection that was in the tunnel is reset, not left hanging or half-fed.
+    with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+        writer.write(b"after")
+        await asyncio.wait_for(reader.readexactly(5), 5)
+    writer.close()
+    # New connections are stolen again within 2 s of the cut.
+    while True:
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(env.sandbox.pod_ip, POD_PORT), 1)
+            w.write(b"hello")
+            got = await asyncio.wait_for(r.readexactly(5), 1)
+            w.close()
+            if got == b"hello":
+                break
+        except (OSError, asyncio.IncompleteReadError, TimeoutError):
+            pass
+        assert asyncio.get_running_loop().time() - cut < 2, "not stolen again within 2 s"
+        await asyncio.sleep(0.05)
+    code, out, _ = await run(kenv, "status", "--json")
+    session = json.loads(out)["sessions"][0]
+    assert session["reconnects"] == 1 and session["state"] == "ready"
+    code, _, err = await run(kenv, "down", "--session", "cut")
+    assert code == 0, err
