@@ -356,3 +356,35 @@ def test_the_token_appears_nowhere_a_user_can_read(env: Env) -> None:
     record = json.loads((env.state_dir / "t1" / "session.json").read_text())
     st = env.netmirror("status", "--json", check=True).stdout
     assert "token" not in json.dumps(record) and "token" not in st
+
+
+@pytest.mark.parametrize("method", ["capture", "passthrough"])
+def test_thousand_concurrent_mirrored_connections_copied_exactly(
+    env: Env, tmp_path: Path, method: str
+) -> None:
+    from collections import Counter
+
+    from tests.integration.test_mirror import read_sink
+
+    env.server("sha", POD_PORT, in_pod=True, tag="pod")
+    local = free_port()
+    sink = tmp_path / "sink.log"
+    env.server("sink", local, in_pod=False, log=str(sink))
+    env.up("--mirror", f"{POD_PORT}:{local}", "--mirror-method", method)
+    rng = random.Random(2000)
+    sizes = [(rng.randrange(1, 256 << 10), rng.randrange(0, 256 << 10)) for _ in range(1000)]
+
+    async def run_all() -> list[Any]:
+        return await asyncio.gather(
+            *(
+                sha_exchange(env.sandbox.pod_ip, POD_PORT, up=u, down=d, timeout=300)
+                for u, d in sizes
+            )
+        )
+
+    results = asyncio.run(run_all())
+    assert all(r.tag == "pod" and r.upload_intact and r.download_intact for r in results)
+    copies = read_sink(sink, len(sizes), timeout=60)
+    assert Counter((d, n) for d, n, _ in copies) == Counter(
+        (r.sent_sha256, r.sent_bytes) for r in results
+    )
