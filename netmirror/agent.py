@@ -42,7 +42,7 @@ from netmirror.firewall import (
 from netmirror.mirror import CaptureMirror, MirrorCounters, PassthroughBridge
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
-from netmirror.tasks import TaskSet
+from netmirror.tasks import TaskSet, raise_fd_limit
 from netmirror.tunnel import PortStats, StreamBridge, Tunnel, abort_with_reset
 
 log = logging.getLogger(__name__)
@@ -556,6 +556,7 @@ def run(options: AgentOptions) -> int:
     guard: Guard | None = None
     firewall: IptablesNat | None = None
     listen_sock: socket.socket | None = None
+    raise_fd_limit()
     try:
         kind, _, where = options.listen.partition(":")
         if kind == "tcp":

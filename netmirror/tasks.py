@@ -48,3 +48,18 @@ class TaskSet:
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             log.warning("task %s did not stop within %.1fs", task.get_name(), timeout)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one: each stolen connection holds
+    a socket (two in the agent for passthrough), and 1,024 is the usual default."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            log.debug("cannot raise the open-files limit above %d", soft)
+    return soft
