@@ -38,8 +38,23 @@ lint: deps
 	$(VENV)/bin/ruff check netmirror tests benchmarks
 	$(VENV)/bin/mypy
 
+# make bench: the benchmark suite (benchmarks/suite.py): every scenario, side by side
+# over direct, socat relay and netmirror paths; results in benchmarks/results/.
+# Then the mirror-by-capture rate sweep (benchmarks/mirror.py); benchmarks.throughput
+# still runs on its own.
+BENCH_PACKAGES := wrk iperf3 redis-server redis-tools socat nginx-light
+BENCH_COMMANDS := wrk iperf3 redis-server redis-benchmark socat nginx
+
 bench: deps
-	$(PY) -m benchmarks.throughput
+	@missing=""; for c in $(BENCH_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the benchmarks (missing:$$missing)"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "run as root to install: $(BENCH_PACKAGES)"; exit 1; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(BENCH_PACKAGES) >/dev/null; \
+	fi
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib
+	$(PY) -m benchmarks.suite $(BENCH_ARGS)
 	$(PY) -m benchmarks.mirror
 
 agent-image:

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import RESULTS, iperf_json, netmirror
 from netmirror.sandbox import Sandbox
 
-RESULTS = Path(__file__).resolve().parent / "results"
 POD_PORT = 5201
 LOCAL_PORT = 15202
 SESSION = "benchmirror"
@@ -39,22 +39,8 @@ COOKIE = 37
 def iperf(host: str, *, rate_mbytes: int, seconds: int) -> int:
     """One iperf3 stream at ``rate_mbytes`` MB/s (0: unlimited); bytes sent."""
     rate = f"{rate_mbytes * 8}M" if rate_mbytes else "0"
-    cmd = ["iperf3", "-J", "-c", host, "-p", str(POD_PORT), "-t", str(seconds), "-b", rate]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=seconds + 30)
-    data = json.loads(out.stdout or "{}")
-    if "error" in data or out.returncode != 0:
-        raise RuntimeError(f"iperf3 failed: {data.get('error', out.stderr.strip())}")
+    data = iperf_json(host, POD_PORT, seconds=seconds, rate=rate)
     return int(data["end"]["sum_sent"]["bytes"])
-
-
-def netmirror(*args: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "netmirror", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
 
 
 def copied(log: Path, timeout: float = 15) -> tuple[int, str]:

@@ -19,42 +19,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from benchmarks.common import RESULTS, iperf_json, machine, netmirror
 from netmirror.sandbox import Sandbox
 
-RESULTS = Path(__file__).resolve().parent / "results"
 POD_PORT = 5201
 LOCAL_PORT = 15201
 
 
 def iperf(host: str, port: int, *, seconds: int, reverse: bool) -> float:
     """One iperf3 run; bytes per second received."""
-    cmd = ["iperf3", "-J", "-c", host, "-p", str(port), "-t", str(seconds), "-O", "1"]
-    if reverse:
-        cmd.append("-R")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=seconds + 30)
-    data = json.loads(out.stdout or "{}")
-    if "error" in data or out.returncode != 0:
-        raise RuntimeError(f"iperf3 failed: {data.get('error', out.stderr.strip())}")
+    data = iperf_json(host, port, seconds=seconds, reverse=reverse, omit=1)
     return float(data["end"]["sum_received"]["bits_per_second"]) / 8
-
-
-def netmirror(*args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "netmirror", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def main() -> int:
@@ -119,11 +101,7 @@ def main() -> int:
 
     medians = {key: statistics.median(values) for key, values in samples.items()}
     report: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-        },
+        "machine": machine(),
         "seconds": args.seconds,
         "rounds": args.rounds,
         "samples_bytes_per_s": samples,
