@@ -43,7 +43,13 @@ from netmirror.mirror import CaptureMirror, MirrorCounters, PassthroughBridge
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
 from netmirror.tasks import TaskSet, raise_fd_limit
-from netmirror.tunnel import PortStats, StreamBridge, Tunnel, abort_with_reset
+from netmirror.tunnel import (
+    PortStats,
+    StreamBridge,
+    Tunnel,
+    abort_with_reset,
+    tune_tunnel_socket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +206,8 @@ class Agent:
             raise web.HTTPServiceUnavailable(text="the agent is stopping")
         ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024, heartbeat=WS_HEARTBEAT)
         await ws.prepare(request)
+        if request.transport is not None:
+            tune_tunnel_socket(request.transport.get_extra_info("socket"))
         conn = Connection(
             Role.AGENT,
             token_digest=self.options.token_digest,

@@ -30,7 +30,7 @@ from netmirror.protocol import events as ev
 from netmirror.state import SessionDir, SessionRecord, pid_start
 from netmirror.targets import AgentHandle, AgentSettings, resolve_target
 from netmirror.tasks import TaskSet, raise_fd_limit
-from netmirror.tunnel import PortStats, StreamBridge, Tunnel
+from netmirror.tunnel import PortStats, StreamBridge, Tunnel, tune_tunnel_socket
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class Daemon:
                     compress=0,
                     autoping=True,
                 )
+                tune_tunnel_socket(ws.get_extra_info("socket"))
                 break
             except (aiohttp.ClientError, OSError) as exc:
                 if self.agent.exit_status() is not None:

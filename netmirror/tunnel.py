@@ -65,6 +65,27 @@ class PortStats:
         }
 
 
+#: Socket buffers of the tunnel's own connection: room for several messages in
+#: flight, so neither end waits on the other for each one.
+TUNNEL_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def tune_tunnel_socket(sock: Any) -> None:
+    """Large buffers (and no Nagle delay) on the connection that carries the tunnel."""
+    if sock is None:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, TUNNEL_SOCKET_BUFFER)
+        except OSError:
+            pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
 def abort_with_reset(transport: asyncio.Transport | None) -> None:
     """Close a TCP transport so the peer sees RST, not FIN."""
     if transport is None or transport.is_closing():
