@@ -133,9 +133,12 @@ class InboundBridge(StreamBridge):
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         tunnel = self.agent.tunnel
         if self._refused or tunnel is None or tunnel is not self.tunnel:
-            self.sub.stats.error("no daemon connected: connection reset")
+            # No daemon (it crashed, or the tunnel is reconnecting): rather than
+            # reset the client, let the target's own server answer it.
             self._refused = True
-            abort_with_reset(transport)
+            relay = PassthroughBridge(self.agent, self.sub, self.sub.counters, copy=False)
+            transport.set_protocol(relay)
+            relay.connection_made(transport)
             return
         sock = transport.get_extra_info("socket")
         dst = original_destination(sock)

@@ -419,11 +419,16 @@ class _Half(asyncio.Protocol):
 class PassthroughBridge(_Half):
     """The client side of a passthrough-mirrored connection."""
 
-    def __init__(self, agent: Agent, sub: Subscription, counters: MirrorCounters) -> None:
+    def __init__(
+        self, agent: Agent, sub: Subscription, counters: MirrorCounters, *, copy: bool = True
+    ) -> None:
         super().__init__(self)
         self.agent = agent
         self.sub = sub
         self.counters = counters
+        # Without a copy this is a plain relay to the original server (a stolen
+        # port while no daemon is connected).
+        self._copy = copy
         self.copy: MirrorCopy | None = None
         self._buffer: list[bytes] = []
 
@@ -439,7 +444,7 @@ class PassthroughBridge(_Half):
         peer = self.transport.get_extra_info("peername") or ("", 0)
         self.counters.flows += 1
         tunnel = self.agent.tunnel
-        if tunnel is None:
+        if tunnel is None or not self._copy:
             self.counters.no_daemon += 1
         else:
             self.copy = MirrorCopy(

@@ -64,6 +64,12 @@ def test_killed_daemon_agent_removes_its_rules_by_itself(env: Env) -> None:
     st = status(env)["sessions"][0]
     os.kill(st["daemon_pid"], signal.SIGKILL)
     killed = time.monotonic()
+    time.sleep(0.3)
+    # The rules are still in place (the agent waits for a reconnect)...
+    assert "NETMIRROR-t1" in env.chains()
+    # ...yet clients are not reset: the agent passes them to the pod's own server.
+    for _ in range(3):
+        assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/") == "pod\n"
     # No netmirror command runs meanwhile: the agent notices on its own.
     while env.chains() and time.monotonic() - killed < 10:
         time.sleep(0.1)
