@@ -321,6 +321,14 @@ async def run(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int
     return proc.returncode, out.decode(), err.decode()
 
 
+async def steal_web(
+    env: dict[str, str], local: int, session: str, *extra: str
+) -> tuple[int, str, str]:
+    """`netmirror up --target deployment/web --steal 8080:LOCAL --session SESSION ...`."""
+    target = ("--target", "deployment/web", "--steal", f"{POD_PORT}:{local}")
+    return await run(env, "up", *target, "--session", session, *extra)
+
+
 async def curl(url: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         "curl",
@@ -351,17 +359,8 @@ async def test_steal_a_deployment_through_the_api_server(
     assert listed["deployment/web"]["ports"] == ["8080/http"]
     assert f"pod/{POD}" in listed
 
-    code, out, err = await run(
-        kenv,
-        "up",
-        "--target",
-        "deployment/web",
-        "--steal",
-        f"{POD_PORT}:{local}",
-        "--session",
-        "kube",
-        "--agent-image",
-        "registry.example/netmirror-agent:test",
+    code, out, err = await steal_web(
+        kenv, local, "kube", "--agent-image", "registry.example/netmirror-agent:test"
     )
     assert code == 0, err
     assert f"using pod {POD}" in err
@@ -460,18 +459,7 @@ async def test_job_mode_enters_the_container_namespace(
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
     url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
-    code, _, err = await run(
-        kenv,
-        "up",
-        "--target",
-        "deployment/web",
-        "--steal",
-        f"{POD_PORT}:{local}",
-        "--session",
-        "job",
-        "--agent-mode",
-        "job",
-    )
+    code, _, err = await steal_web(kenv, local, "job", "--agent-mode", "job")
     assert code == 0, err
     assert "starting agent job" in err
     (job,) = fake.jobs
@@ -498,16 +486,7 @@ async def test_tunnel_cut_reconnects_and_resets_what_it_cut(
     env.server("http", POD_PORT, in_pod=True, text="pod\n")  # never echoes
     local = free_port()
     env.server("echo", local, in_pod=False)
-    code, _, err = await run(
-        kenv,
-        "up",
-        "--target",
-        "deployment/web",
-        "--steal",
-        f"{POD_PORT}:{local}",
-        "--session",
-        "cut",
-    )
+    code, _, err = await steal_web(kenv, local, "cut")
     assert code == 0, err
     reader, writer = await asyncio.open_connection(env.sandbox.pod_ip, POD_PORT)
     writer.write(b"before the cut")
