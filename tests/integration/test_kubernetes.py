@@ -269,6 +269,10 @@ class FakeCluster:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.log.exists():
+            # Shown by pytest only when the test failed: what the agents said.
+            print(f"--- agents' output ({self.log}) ---")
+            print(self.log.read_text(errors="replace")[-20000:])
         for agent in self.agents:
             if agent.poll() is None:
                 agent.kill()
@@ -451,7 +455,10 @@ def container_cgroup(env: Env) -> Iterator[Path]:
 
 
 async def test_job_mode_enters_the_container_namespace(
-    env: Env, cluster: tuple[FakeCluster, dict[str, str]], container_cgroup: Path
+    env: Env,
+    cluster: tuple[FakeCluster, dict[str, str]],
+    container_cgroup: Path,
+    tmp_path: Path,
 ) -> None:
     fake, kenv = cluster
     server = env.server("http", POD_PORT, in_pod=True, text="pod\n")
@@ -459,13 +466,21 @@ async def test_job_mode_enters_the_container_namespace(
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
     url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
-    code, _, err = await steal_web(kenv, local, "job", "--agent-mode", "job")
+    # A job's agent listens on its node; here the node is this host, which other
+    # processes share, so the agent gets a free port rather than the default.
+    config = tmp_path / "netmirror.yaml"
+    agent_port = free_port()
+    config.write_text(f"agent:\n  port: {agent_port}\n")
+    code, _, err = await steal_web(
+        kenv, local, "job", "--agent-mode", "job", "--config", str(config)
+    )
     assert code == 0, err
     assert "starting agent job" in err
     (job,) = fake.jobs
     assert fake.spec_problems == []
     pod_spec = job["spec"]["template"]["spec"]
     assert pod_spec["hostPID"] is True and pod_spec["nodeName"] == "node-1"
+    assert any(arg.endswith(f":{agent_port}") for arg in pod_spec["containers"][0]["args"])
     assert await curl(url) == "local\n"
     code, _, err = await run(kenv, "down", "--session", "job")
     assert code == 0, err
