@@ -466,8 +466,8 @@ async def test_job_mode_enters_the_container_namespace(
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
     url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
-    # A job's agent listens on its node; here the node is this host, which other
-    # processes share, so the agent gets a free port rather than the default.
+    # A job's agent listens in its own pod's namespace; here that namespace is this
+    # host's, which other processes share, so the agent gets a free port.
     config = tmp_path / "netmirror.yaml"
     agent_port = free_port()
     config.write_text(f"agent:\n  port: {agent_port}\n")
