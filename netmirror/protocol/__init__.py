@@ -1,6 +1,6 @@
 """The tunnel protocol, free of I/O: bytes in, events and bytes out."""
 
-from netmirror.protocol.connection import Connection, Limits, Role, State
+from netmirror.protocol.connection import OPS, Connection, Limits, Role, State
 from netmirror.protocol.events import (
     CreditGranted,
     DataReceived,
@@ -8,6 +8,8 @@ from netmirror.protocol.events import (
     Event,
     HelloReceived,
     PongReceived,
+    ReplyReceived,
+    RequestReceived,
     StatsReported,
     StreamHalfClosed,
     StreamOpened,
@@ -20,6 +22,7 @@ from netmirror.protocol.events import (
 from netmirror.protocol.frames import PROTOCOL_VERSION, FrameType
 
 __all__ = [
+    "OPS",
     "PROTOCOL_VERSION",
     "Connection",
     "CreditGranted",
@@ -30,6 +33,8 @@ __all__ = [
     "HelloReceived",
     "Limits",
     "PongReceived",
+    "ReplyReceived",
+    "RequestReceived",
     "Role",
     "State",
     "StatsReported",

@@ -42,6 +42,9 @@ from netmirror.protocol.frames import (
 MODES = ("steal", "mirror")
 MAX_REASON = 1024
 
+#: What the daemon may ask the agent with a REQUEST, besides streams and ports.
+OPS = ("resolve", "environ")
+
 
 def token_sha256(token: str) -> bytes:
     """The digest an agent may be given instead of the token itself."""
@@ -79,6 +82,10 @@ class Limits:
     """Largest window the I/O layer grows a stream to while its consumer keeps up."""
     max_subscriptions: int = 256
     """Ports one tunnel may subscribe at once."""
+    max_requests: int = 256
+    """Requests the agent works on at once; more are answered with an error."""
+    max_reply_size: int = 1024 * 1024
+    """Largest REPLY accepted (an environment may be larger than a control frame)."""
 
     def __post_init__(self) -> None:
         if not 1024 <= self.max_frame_size <= 16 * 1024 * 1024:
@@ -141,6 +148,8 @@ class Connection:
         self._next_request = 1
         self._subscribed: set[int] = set()
         self._pending_subs: dict[int, int] = {}
+        # Requests: ids the daemon is waiting on, or the agent is working on.
+        self._requests: set[int] = set()
         if role is Role.DAEMON:
             self._send_json(
                 FrameType.HELLO,
@@ -318,6 +327,41 @@ class Connection:
             {"id": request_id, "port": port, "ok": ok, "error": error[:MAX_REASON]},
         )
 
+    def request(self, op: str, args: dict[str, Any] | None = None) -> int:
+        """(daemon) Ask the agent to do ``op`` (one of :data:`OPS`); returns the request id.
+
+        The answer arrives as :class:`~netmirror.protocol.events.ReplyReceived`.
+        """
+        self._require_role(Role.DAEMON, "send requests")
+        if op not in OPS:
+            raise ValueError(f"unknown request {op!r}")
+        request_id = self._new_request()
+        self._requests.add(request_id)
+        self._send_json(FrameType.REQUEST, 0, {"id": request_id, "op": op, "args": args or {}})
+        return request_id
+
+    def reply(
+        self, request_id: int, result: dict[str, Any] | None = None, *, error: str = ""
+    ) -> None:
+        """(agent) Answer a request: with ``result``, or with ``error`` if it is set."""
+        self._require_role(Role.AGENT, "reply")
+        if request_id not in self._requests or self.state is not State.OPEN:
+            return  # answered already, or the tunnel is gone
+        self._requests.discard(request_id)
+        body: dict[str, Any] = {"id": request_id, "ok": not error}
+        if error:
+            body["error"] = error[:MAX_REASON]
+        else:
+            body["result"] = result or {}
+        frame = encode_json(FrameType.REPLY, 0, body)
+        if len(frame) - HEADER_SIZE > self.limits.max_reply_size:
+            frame = encode_json(
+                FrameType.REPLY,
+                0,
+                {"id": request_id, "ok": False, "error": "the answer is too large to send"},
+            )
+        self._queue(frame)
+
     def report_stats(self, stats: dict[str, Any]) -> None:
         """(agent) Send counters only the agent knows to the daemon."""
         self._require_role(Role.AGENT, "report stats")
@@ -388,6 +432,12 @@ class Connection:
                 if length > limits.max_frame_size:
                     raise ProtocolError(
                         f"DATA frame of {length} bytes exceeds the limit of {limits.max_frame_size}"
+                    )
+            elif ftype == FrameType.REPLY:
+                if length > limits.max_reply_size:
+                    raise ProtocolError(
+                        f"REPLY frame of {length} bytes exceeds the limit of "
+                        f"{limits.max_reply_size}"
                     )
             elif ftype in JSON_FRAMES:
                 if length > limits.max_control_size:
@@ -646,6 +696,46 @@ class Connection:
         self._check_control(ftype, stream_id, Role.DAEMON)
         self._events.append(ev.StatsReported(decode_json(ftype, payload)))
 
+    def _on_request(self, ftype: FrameType, stream_id: int, payload: bytes) -> None:
+        self._check_control(ftype, stream_id, Role.AGENT)
+        body = decode_json(ftype, payload)
+        request_id = field(body, "id", int, ftype)
+        op = field(body, "op", str, ftype)
+        args = body.get("args", {})
+        if not isinstance(args, dict):
+            raise ProtocolError("malformed REQUEST frame: args must be an object")
+        if request_id in self._requests:
+            raise ProtocolError(f"request id {request_id} is already in use")
+        if op not in OPS:
+            self._requests.add(request_id)
+            self.reply(request_id, error=f"unknown request {op[:20]!r}")
+            return
+        if len(self._requests) >= self.limits.max_requests:
+            self._requests.add(request_id)
+            self.reply(request_id, error=f"too many requests (limit {self.limits.max_requests})")
+            return
+        self._requests.add(request_id)
+        self._events.append(ev.RequestReceived(request_id, op, args))
+
+    def _on_reply(self, ftype: FrameType, stream_id: int, payload: bytes) -> None:
+        self._check_control(ftype, stream_id, Role.DAEMON)
+        body = decode_json(ftype, payload)
+        request_id = field(body, "id", int, ftype)
+        ok = field(body, "ok", bool, ftype)
+        if request_id not in self._requests:
+            raise ProtocolError(f"REPLY to request {request_id}, which is not pending")
+        self._requests.discard(request_id)
+        if ok:
+            result = body.get("result", {})
+            if not isinstance(result, dict):
+                raise ProtocolError("malformed REPLY frame: result must be an object")
+            self._events.append(ev.ReplyReceived(request_id, True, result))
+        else:
+            error = body.get("error", "")
+            if not isinstance(error, str):
+                raise ProtocolError("malformed REPLY frame: error must be a string")
+            self._events.append(ev.ReplyReceived(request_id, False, {}, error[:MAX_REASON]))
+
     def _check_control(self, ftype: FrameType, stream_id: int, receiver: Role) -> None:
         if self.role is not receiver:
             raise ProtocolError(f"{ftype.name} may only be sent to the {receiver.value}")
@@ -664,4 +754,6 @@ class Connection:
         FrameType.PONG: _on_ping,
         FrameType.ERROR: _on_error,
         FrameType.STATS: _on_stats,
+        FrameType.REQUEST: _on_request,
+        FrameType.REPLY: _on_reply,
     }

@@ -119,6 +119,25 @@ class ErrorReceived:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """The daemon asked the agent for something (see :data:`~netmirror.protocol.OPS`)."""
+
+    request_id: int
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyReceived:
+    """The agent answered a request: ``result`` if ``ok``, else ``error``."""
+
+    request_id: int
+    ok: bool
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
 Event = (
     HelloReceived
     | Welcomed
@@ -133,4 +152,6 @@ Event = (
     | PongReceived
     | StatsReported
     | ErrorReceived
+    | RequestReceived
+    | ReplyReceived
 )

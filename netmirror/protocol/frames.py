@@ -49,6 +49,8 @@ class FrameType(enum.IntEnum):
     PONG = 12  # answer to PING with the same u64
     ERROR = 13  # either side: fatal, JSON {code, message}; the tunnel closes
     STATS = 14  # agent -> daemon: JSON counters only the agent knows (capture, copies)
+    REQUEST = 15  # daemon -> agent: JSON {id, op, args}: resolve a name, read the environment
+    REPLY = 16  # agent -> daemon: JSON {id, ok, result | error}
 
 
 #: Frames whose payload is JSON and bounded by the control size limit.
@@ -62,6 +64,8 @@ JSON_FRAMES = frozenset(
         FrameType.OPEN,
         FrameType.ERROR,
         FrameType.STATS,
+        FrameType.REQUEST,
+        FrameType.REPLY,
     }
 )
 
