@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import ipaddress
 import json
 import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -28,8 +29,10 @@ from typing import Any, cast
 from aiohttp import web
 
 from netmirror import __version__
+from netmirror.dns import ResolverConfig, TargetResolver
 from netmirror.errors import AgentError, NetmirrorError, PortInUseError, ProtocolError
 from netmirror.firewall import (
+    AGENT_MARK,
     Backend,
     Guard,
     IptablesNat,
@@ -42,21 +45,25 @@ from netmirror.firewall import (
 from netmirror.mirror import CaptureMirror, MirrorCounters, PassthroughBridge
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
+from netmirror.target_info import find_target_pid, read_environment, resolver_dirs
 from netmirror.tasks import TaskSet, raise_fd_limit
 from netmirror.tunnel import (
     PortStats,
     StreamBridge,
     Tunnel,
     abort_with_reset,
+    original_destination,
     tune_tunnel_socket,
 )
 
 log = logging.getLogger(__name__)
 
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, same value for IP6T_SO_ORIGINAL_DST
 HANDSHAKE_TIMEOUT = 10.0
 TICK = 0.25
 WS_HEARTBEAT = 10.0
+RESOLVER_REFRESH = 5.0
+#: What this agent offers besides ports, announced in its welcome.
+FEATURES = ("connect", "resolve", "environ")
 
 
 @dataclass(frozen=True)
@@ -71,19 +78,9 @@ class AgentOptions:
     netns: Path | None = None
     container_id: str | None = None
     """Enter the network namespace of the container with this id (job mode)."""
+    target_pid: int | None = None
+    """The target's main process (environment, resolver files); found when unset."""
     debug: bool = False
-
-
-def original_destination(sock: Any) -> tuple[str, int] | None:
-    """Where a redirected connection was going, from conntrack (None if not redirected)."""
-    try:
-        if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
-    except OSError:
-        return None
 
 
 def _has_ipv6() -> bool:
@@ -175,6 +172,62 @@ class InboundBridge(StreamBridge):
             super().connection_lost(exc)
 
 
+class OutboundBridge(StreamBridge):
+    """A connection the daemon asked for: made from the target's namespace, as the target."""
+
+    def __init__(self, tunnel: Tunnel, stats: PortStats, stream_id: int) -> None:
+        super().__init__(tunnel, stats, inbound=True, stream_id=stream_id)
+
+    async def connect(self, dst: tuple[str, int], resolver: Callable[[str], Any]) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = dst
+        sock: socket.socket | None = None
+        try:
+            addresses = [host] if _is_ip(host) else await resolver(host)
+            if not addresses:
+                raise OSError(f"{host} has no address")
+            last: OSError | None = None
+            for address in addresses:
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                # Marked: a connection to one of our own stolen ports reaches the
+                # target's server, not the daemon again.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, (address, port))
+                    break
+                except OSError as exc:
+                    sock.close()
+                    sock = None
+                    last = exc
+            if sock is None:
+                assert last is not None
+                raise last
+            await loop.create_connection(lambda: self, sock=sock)
+        except (OSError, NetmirrorError) as exc:
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, ConnectionRefusedError):
+                reason = f"{host}:{port} refused the connection"
+            else:
+                reason = f"cannot connect to {host}:{port}: {getattr(exc, 'strerror', '') or exc}"
+            log.info("outgoing connection: %s", reason)
+            self.stats.error(reason)
+            if self.tunnel.conn.is_open(self.stream_id):
+                self.tunnel.conn.reset(self.stream_id, reason)
+            self.tunnel.forget(self)
+            self.tunnel.kick()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class Agent:
     """Serves one session's daemon in the current network namespace."""
 
@@ -201,6 +254,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._detached_since: float | None = time.monotonic()
         self._ipv6 = _has_ipv6()
+        self.outgoing = PortStats()
+        self._resolver: tuple[float, TargetResolver] | None = None
 
     # --- websocket endpoint ------------------------------------------------------
 
@@ -276,12 +331,20 @@ class Agent:
             self.tasks.spawn(self._subscribe(tunnel, event), name=f"subscribe-{event.port}")
         elif isinstance(event, ev.UnsubscribeRequested) and tunnel is not None:
             self.tasks.spawn(self._unsubscribe(tunnel, event), name=f"unsubscribe-{event.port}")
-        elif isinstance(event, ev.StreamOpened):
-            # Streams opened by the daemon (outgoing connections) are not offered.
-            tunnel = self.tunnel
-            if tunnel is not None:
-                tunnel.conn.reset(event.stream_id, "this agent does not open connections")
+        elif isinstance(event, ev.StreamOpened) and tunnel is not None:
+            if event.info.get("kind") != "connect":
+                tunnel.conn.reset(event.stream_id, "unknown kind of stream")
                 tunnel.kick()
+                return
+            # An outgoing connection of the local process, made here as the target.
+            bridge = OutboundBridge(tunnel, self.outgoing, event.stream_id)
+            tunnel.attach(bridge)
+            self.tasks.spawn(
+                bridge.connect(event.original_dst, self._addresses),
+                name=f"connect-{event.stream_id}",
+            )
+        elif isinstance(event, ev.RequestReceived) and tunnel is not None:
+            self.tasks.spawn(self._serve_request(tunnel, event), name=f"request-{event.op}")
         elif isinstance(event, ev.ErrorReceived):
             if event.code == "shutdown":
                 # The session ended on purpose: clean up now, not after the TTL.
@@ -289,6 +352,51 @@ class Agent:
                 self._stop.set()
             else:
                 log.warning("daemon reported an error: %s: %s", event.code, event.message)
+
+    # --- requests ------------------------------------------------------------------
+
+    async def _serve_request(self, tunnel: Tunnel, req: ev.RequestReceived) -> None:
+        try:
+            if req.op == "resolve":
+                name, rdtype = req.args.get("name"), req.args.get("type", "A")
+                if not isinstance(name, str) or not isinstance(rdtype, str):
+                    raise NetmirrorError("resolve needs a name and a type")
+                answer = await self.resolver().resolve(name, rdtype)
+                result = answer.to_json()
+            elif req.op == "environ":
+                pid = self.options.target_pid or await asyncio.to_thread(find_target_pid)
+                if pid is None:
+                    raise NetmirrorError("no process of the target was found to read")
+                env = await asyncio.to_thread(read_environment, pid)
+                result = {"pid": pid, "env": env}
+            else:  # the protocol refuses unknown ops before they get here
+                raise NetmirrorError(f"unknown request {req.op!r}")
+        except (NetmirrorError, OSError, ValueError) as exc:
+            if tunnel is self.tunnel:
+                tunnel.conn.reply(req.request_id, error=str(exc))
+                tunnel.kick()
+            return
+        if tunnel is self.tunnel:
+            tunnel.conn.reply(req.request_id, result)
+            tunnel.kick()
+
+    def resolver(self) -> TargetResolver:
+        """The target's resolver; its files are read again every few seconds."""
+        now = time.monotonic()
+        if self._resolver is None or now - self._resolver[0] > RESOLVER_REFRESH:
+            dirs = resolver_dirs(self.options.netns, self.options.target_pid)
+            self._resolver = (now, TargetResolver(ResolverConfig.load(dirs)))
+        return self._resolver[1]
+
+    async def _addresses(self, host: str) -> list[str]:
+        """Addresses of ``host`` as the target resolves it, IPv4 first."""
+        found: list[str] = []
+        for rdtype in ("A", "AAAA"):
+            answer = await self.resolver().resolve(host, rdtype)
+            found.extend(answer.records)
+        if not found:
+            raise NetmirrorError(f"the target cannot resolve {host}")
+        return found
 
     def _answer(
         self, tunnel: Tunnel, request_id: int, port: int, *, ok: bool, error: str = ""
@@ -578,7 +686,9 @@ def run(options: AgentOptions) -> int:
             raise NetmirrorError(f"--listen {options.listen!r} is not unix:PATH or tcp:HOST:PORT")
         netns = options.netns
         if options.container_id:
-            netns = Path(f"/proc/{find_container_pid(options.container_id)}/ns/net")
+            pid = find_container_pid(options.container_id)
+            netns = Path(f"/proc/{pid}/ns/net")
+            options = dataclasses.replace(options, target_pid=pid)
         if netns is not None:
             enter_namespace(netns)
         backend = detect_backend()
@@ -589,7 +699,12 @@ def run(options: AgentOptions) -> int:
         if cleared:
             log.info("cleared stale rules of dead sessions: %s", ", ".join(cleared))
         info = describe_namespace()
-        info.update(backend=backend.name.lower(), pid=os.getpid(), version=__version__)
+        info.update(
+            backend=backend.name.lower(),
+            pid=os.getpid(),
+            version=__version__,
+            features=list(FEATURES),
+        )
     except NetmirrorError as exc:
         log.error("%s", exc)
         sys.stdout.write(json.dumps({"error": str(exc)}) + "\n")

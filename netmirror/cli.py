@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -18,9 +19,15 @@ from typing import Any, NoReturn
 
 from netmirror import __version__
 from netmirror.config import Config, Overrides, build_config, json_schema, load_file, parse_config
-from netmirror.errors import ConfigError, NetmirrorError, SessionError
+from netmirror.errors import CommandError, ConfigError, NetmirrorError, SessionError
 from netmirror.protocol.connection import token_sha256
-from netmirror.state import SessionDir, SessionRecord, list_session_dirs, pid_alive
+from netmirror.state import (
+    SessionDir,
+    SessionRecord,
+    list_session_dirs,
+    pid_alive,
+    pid_start,
+)
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 CONTROL_TIMEOUT = 3.0
@@ -116,7 +123,8 @@ def _default_session_name(target: str, taken: set[str]) -> str:
 # --- commands ---------------------------------------------------------------------
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace, **more: Any) -> Config:
+    """The session's config: file < NETMIRROR_* variables < flags."""
     config = build_config(
         file=Path(args.config) if args.config else None,
         env=os.environ,
@@ -131,6 +139,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             namespace=args.namespace,
             context=args.context,
             agent_mode=args.agent_mode,
+            **more,
         ),
     )
     if config.pcap is not None:
@@ -141,10 +150,130 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     if not config.target:
         raise ConfigError("no target: pass --target KIND/NAME (e.g. netns/pod1) or set target:")
+    return config
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = _config(args)
     if not config.active_ports():
         raise ConfigError(
             "no ports to take: pass --steal PORT[:LOCAL] or list ports: in the config"
         )
+    sdir = _new_session(config)
+    outcome = _start_daemon(sdir, config, debug=args.debug, timeout=args.timeout)
+    status = outcome.get("status", {})
+    ports = ", ".join(
+        f"{p['mode']} {p['remote']} -> {p['local']}"
+        for p in status.get("ports", [])
+        if p["mode"] != "off"
+    )
+    print(f"session {sdir.name!r} is up on {status.get('target')}: {ports}")
+    print(f"  netmirror status --session {sdir.name}   |   netmirror down --session {sdir.name}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from netmirror.environment import merge_environment
+    from netmirror.outgoing import Cgroup
+
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("no command to run: netmirror exec --target KIND/NAME -- COMMAND [ARGS]")
+    overrides: dict[str, Any] = {
+        "env_exclude": tuple(args.env_exclude or ()),
+        "outgoing_exclude": tuple(args.outgoing_exclude or ()),
+    }
+    if args.env_include:
+        overrides["env_include"] = tuple(args.env_include)
+    if args.env_set:
+        overrides["env_override"] = dict(_key_value(item) for item in args.env_set)
+    if args.no_outgoing:
+        overrides["outgoing"] = False
+    config = _config(args, **overrides)
+    owner = {"owner_pid": os.getpid(), "owner_start": pid_start(os.getpid()) or 0}
+    sdir = _new_session(config, extra={"exec": owner})
+    # From here on, however this ends, the session ends with it.
+    try:
+        outcome = _start_daemon(sdir, config, debug=args.debug, timeout=args.timeout)
+        info = outcome.get("exec", {})
+        env = dict(os.environ)
+        if "env" in info:
+            env = merge_environment(env, info["env"], config.env)
+        else:
+            _err(
+                f"warning: the command gets the local environment only: "
+                f"{info.get('env_error', 'the target sent none')}"
+            )
+        cgroup_path = info.get("cgroup")
+        _say_exec(sdir.name, outcome, command, env_pid=info.get("env_pid"))
+        return _run_command(command, env, Path(cgroup_path) if cgroup_path else None)
+    finally:
+        cgroup = Cgroup.for_session(sdir.name) if config.outgoing.enabled else None
+        if cgroup is not None:
+            # Background processes the command left behind go with it.
+            cgroup.kill_all()
+        _stop_session(sdir)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--env {item!r}: expected NAME=VALUE")
+    return key, value
+
+
+def _say_exec(session: str, outcome: dict[str, Any], command: list[str], env_pid: Any) -> None:
+    status = outcome.get("status", {})
+    parts = [f"{p['mode']} {p['remote']} -> {p['local']}" for p in status.get("ports", [])]
+    if outcome.get("exec", {}).get("cgroup"):
+        parts.append("outgoing TCP and DNS through the target")
+    if env_pid:
+        parts.append(f"environment of its process {env_pid}")
+    where = status.get("target")
+    sys.stderr.write(
+        f"netmirror: running {shlex.join(command)} as if in {where} "
+        f"(session {session}: {'; '.join(parts) or 'nothing to take'})\n"
+    )
+    sys.stderr.flush()
+
+
+def _run_command(command: list[str], env: dict[str, str], cgroup: Path | None) -> int:
+    """Run the command in ``cgroup``; its exit status (128+N for signal N) is ours."""
+    procs_file = str(cgroup / "cgroup.procs") if cgroup is not None else None
+
+    def join_cgroup() -> None:
+        if procs_file is not None:
+            with open(procs_file, "w") as procs:
+                procs.write(str(os.getpid()))
+
+    try:
+        proc = subprocess.Popen(command, env=env, preexec_fn=join_cgroup)
+    except FileNotFoundError:
+        raise CommandError(f"command not found: {command[0]}", 127) from None
+    except PermissionError:
+        raise CommandError(f"cannot run {command[0]}: permission denied", 126) from None
+
+    def forward(signum: int, frame: Any) -> None:
+        # Ctrl-C on a terminal reaches the command directly (same process group).
+        if signum != signal.SIGINT or not sys.stdin.isatty():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, forward) for sig in signals}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code
+
+
+def _new_session(config: Config, extra: dict[str, Any] | None = None) -> SessionDir:
+    """Check the ports are free and create the session's directory."""
+    assert config.target is not None
     live = _live_sessions()
     for sdir, record in live:
         if record.target != config.target:
@@ -169,12 +298,16 @@ def cmd_up(args: argparse.Namespace) -> int:
             target=config.target,
             config=config.model_dump(mode="json"),
             created=time.time(),
+            extra=extra or {},
         )
     )
-    return _start_daemon(sdir, config, debug=args.debug, timeout=args.timeout)
+    return sdir
 
 
-def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: float | None) -> int:
+def _start_daemon(
+    sdir: SessionDir, config: Config, *, debug: bool, timeout: float | None
+) -> dict[str, Any]:
+    """Start the session's daemon and wait until it is ready; returns its ready message."""
     read_fd, write_fd = os.pipe()
     cmd = [
         sys.executable,
@@ -187,7 +320,7 @@ def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: flo
         str(write_fd),
     ]
     if debug:
-        cmd.append("--debug")
+        cmd.insert(3, "--debug")  # a global option: before the subcommand
     with open(sdir.log_path, "ab") as log_file:
         proc = subprocess.Popen(
             cmd,
@@ -253,15 +386,7 @@ def _start_daemon(sdir: SessionDir, config: Config, *, debug: bool, timeout: flo
             _kill(record.agent_pid, record.agent_start)
         sdir.remove()
         raise SessionError(str(outcome["error"]))
-    status = outcome.get("status", {})
-    ports = ", ".join(
-        f"{p['mode']} {p['remote']} -> {p['local']}"
-        for p in status.get("ports", [])
-        if p["mode"] != "off"
-    )
-    print(f"session {sdir.name!r} is up on {status.get('target')}: {ports}")
-    print(f"  netmirror status --session {sdir.name}   |   netmirror down --session {sdir.name}")
-    return 0
+    return outcome
 
 
 def _select(args: argparse.Namespace, *, allow_all: bool) -> list[SessionDir]:
@@ -291,23 +416,28 @@ def cmd_down(args: argparse.Namespace) -> int:
         print("no sessions running: nothing to do")
         return 0
     for sdir in sessions:
-        try:
-            record = sdir.read()
-        except SessionError:
-            sdir.remove()
-            continue
-        try:
-            control(sdir, "down")
-            deadline = time.monotonic() + 15
-            while pid_alive(record.daemon_pid, record.daemon_start) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        except SessionError:
-            pass
-        _kill(record.daemon_pid, record.daemon_start)
-        _kill(record.agent_pid, record.agent_start)
-        sdir.remove()
+        _stop_session(sdir)
         print(f"session {sdir.name!r} is down")
     return 0
+
+
+def _stop_session(sdir: SessionDir) -> None:
+    """Ask the daemon to end the session, wait for it, kill what is left."""
+    try:
+        record = sdir.read()
+    except SessionError:
+        sdir.remove()
+        return
+    try:
+        control(sdir, "down")
+        deadline = time.monotonic() + 15
+        while pid_alive(record.daemon_pid, record.daemon_start) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except SessionError:
+        pass
+    _kill(record.daemon_pid, record.daemon_start)
+    _kill(record.agent_pid, record.agent_start)
+    sdir.remove()
 
 
 def _format_bytes(n: int) -> str:
@@ -476,6 +606,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         netns=Path(args.netns) if args.netns else None,
         container_id=args.container_id,
+        target_pid=args.target_pid,
         debug=args.debug,
     )
     return agent.run(options)
@@ -497,6 +628,41 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"netmirror: {message} (see {self.prog} --help)\n")
 
 
+def _session_args(parser: argparse.ArgumentParser) -> None:
+    """Target, ports and agent options, shared by up and exec."""
+    parser.add_argument("--config", "-c", metavar="FILE", help="YAML, TOML or JSON config file")
+    parser.add_argument("--target", "-t", help="netns/NAME or pid/PID")
+    parser.add_argument(
+        "--steal",
+        action="append",
+        metavar="REMOTE[:LOCAL]",
+        help="answer connections to REMOTE with 127.0.0.1:LOCAL (repeatable)",
+    )
+    parser.add_argument(
+        "--mirror",
+        action="append",
+        metavar="REMOTE[:LOCAL]",
+        help="send a copy of REMOTE's traffic to 127.0.0.1:LOCAL (repeatable)",
+    )
+    parser.add_argument(
+        "--mirror-method",
+        choices=["capture", "passthrough"],
+        help="how --mirror ports are copied (default capture: packet capture, nothing in "
+        "the traffic path; passthrough: relayed through the agent)",
+    )
+    parser.add_argument("--pcap", metavar="FILE", help="save the mirrored ports' packets here")
+    parser.add_argument("--session", "-s", help="session name (default: from the target)")
+    parser.add_argument("--agent-image", help="agent container image (Kubernetes targets)")
+    parser.add_argument(
+        "--agent-mode",
+        choices=["ephemeral", "job"],
+        help="Kubernetes: ephemeral container in the pod (default) or a job pod on its node",
+    )
+    parser.add_argument("-n", "--namespace", help="Kubernetes namespace of the target")
+    parser.add_argument("--context", help="kubeconfig context")
+    parser.add_argument("--timeout", type=float, help="seconds to wait until ready")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="netmirror",
@@ -507,38 +673,44 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="start a session: steal or mirror ports of a target")
-    up.add_argument("--config", "-c", metavar="FILE", help="YAML, TOML or JSON config file")
-    up.add_argument("--target", "-t", help="netns/NAME or pid/PID")
-    up.add_argument(
-        "--steal",
-        action="append",
-        metavar="REMOTE[:LOCAL]",
-        help="answer connections to REMOTE with 127.0.0.1:LOCAL (repeatable)",
-    )
-    up.add_argument(
-        "--mirror",
-        action="append",
-        metavar="REMOTE[:LOCAL]",
-        help="send a copy of REMOTE's traffic to 127.0.0.1:LOCAL (repeatable)",
-    )
-    up.add_argument(
-        "--mirror-method",
-        choices=["capture", "passthrough"],
-        help="how --mirror ports are copied (default capture: packet capture, nothing in "
-        "the traffic path; passthrough: relayed through the agent)",
-    )
-    up.add_argument("--pcap", metavar="FILE", help="save the mirrored ports' packets here")
-    up.add_argument("--session", "-s", help="session name (default: from the target)")
-    up.add_argument("--agent-image", help="agent container image (Kubernetes targets)")
-    up.add_argument(
-        "--agent-mode",
-        choices=["ephemeral", "job"],
-        help="Kubernetes: ephemeral container in the pod (default) or a job pod on its node",
-    )
-    up.add_argument("-n", "--namespace", help="Kubernetes namespace of the target")
-    up.add_argument("--context", help="kubeconfig context")
-    up.add_argument("--timeout", type=float, help="seconds to wait until ready")
+    _session_args(up)
     up.set_defaults(func=cmd_up)
+
+    run = sub.add_parser(
+        "exec",
+        help="run a local command as if inside the target: its environment, outgoing "
+        "TCP and DNS (and --steal/--mirror ports while it runs)",
+        usage="netmirror exec [options] -- COMMAND [ARGS...]",
+    )
+    _session_args(run)
+    run.add_argument(
+        "--env-exclude",
+        action="append",
+        metavar="PATTERN",
+        help="keep the local value of variables matching PATTERN (glob, repeatable)",
+    )
+    run.add_argument(
+        "--env-include",
+        action="append",
+        metavar="PATTERN",
+        help="take only the target's variables matching PATTERN (glob, repeatable)",
+    )
+    run.add_argument(
+        "--env", dest="env_set", action="append", metavar="NAME=VALUE", help="set a variable"
+    )
+    run.add_argument(
+        "--outgoing-exclude",
+        action="append",
+        metavar="CIDR",
+        help="connections to this network stay local (repeatable; loopback always does)",
+    )
+    run.add_argument(
+        "--no-outgoing",
+        action="store_true",
+        help="leave the command's outgoing traffic and DNS alone",
+    )
+    run.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_exec)
 
     ls = sub.add_parser("ls", help="Kubernetes targets you can use, with their ports")
     ls.add_argument("-n", "--namespace")
@@ -587,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--token-sha256", help="accept the token whose SHA-256 is this (hex)")
     agent.add_argument(
         "--container-id", help="enter this container's network namespace (needs hostPID)"
+    )
+    agent.add_argument(
+        "--target-pid", type=int, help="the target's main process (environment, resolver)"
     )
     agent.set_defaults(func=cmd_agent)
 

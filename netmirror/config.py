@@ -14,6 +14,7 @@ naming where the bad value came from and its key path, for example
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
@@ -41,15 +42,18 @@ from pydantic_core import ErrorDetails
 from netmirror.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_ENV_EXCLUDE",
     "ENV_AGENT_IMAGE",
     "ENV_AGENT_TTL",
     "ENV_SESSION",
     "ENV_TARGET",
     "AgentConfig",
     "Config",
+    "EnvConfig",
     "KubernetesConfig",
     "MirrorConfig",
     "Mode",
+    "OutgoingConfig",
     "Overrides",
     "PcapConfig",
     "PortConfig",
@@ -71,6 +75,29 @@ ENV_AGENT_IMAGE = "NETMIRROR_AGENT_IMAGE"
 ENV_AGENT_TTL = "NETMIRROR_AGENT_TTL"
 
 DEFAULT_AGENT_IMAGE = "ghcr.io/netmirror/agent:0.1.0"
+
+DEFAULT_ENV_EXCLUDE: tuple[str, ...] = (
+    "PATH",
+    "HOME",
+    "HOSTNAME",
+    "PWD",
+    "OLDPWD",
+    "SHLVL",
+    "TERM",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "_",
+    "LD_*",
+    "PYTHONHOME",
+)
+"""Variables ``netmirror exec`` keeps from the local environment by default.
+
+They describe the process or the machine (where programs and the home directory
+are, the shell, the terminal, the dynamic linker) rather than the service's
+configuration, so the target's values would break the local command. The
+``KUBERNETES_*`` service variables are not among them: services use them.
+"""
 
 _SESSION_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,16}[a-z0-9])?")
 _SESSION_RULE = "must be 1-18 lowercase letters, digits or '-', not starting or ending with '-'"
@@ -296,6 +323,153 @@ class KubernetesConfig(BaseModel):
     )
 
 
+_NOT_A_NETWORK = "is not an IP network"
+
+
+def _check_pattern(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(_NOT_A_NETWORK) from None
+    return value
+
+
+def _env_value_from_yaml(value: object) -> object:
+    # `PORT: 8080` in a YAML or TOML file is meant as the text "8080"; booleans are
+    # not converted, since yes/on/true would become "True" and surprise everyone.
+    if isinstance(value, bool):
+        raise ValueError("is not a string (quote it: YAML reads yes/no/on/off as booleans)")
+    if isinstance(value, int):
+        return str(value)
+    return value
+
+
+def _check_env_value(value: str) -> str:
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+_ENV_NAME_RULE = "is not an environment variable name (it must not be empty or contain '=' or NUL)"
+
+Pattern = Annotated[str, AfterValidator(_check_pattern)]
+Network = Annotated[str, AfterValidator(_check_network)]
+EnvValue = Annotated[
+    str,
+    BeforeValidator(_env_value_from_yaml),
+    AfterValidator(_check_env_value),
+    # Whole numbers are accepted and turned into text (see _env_value_from_yaml).
+    WithJsonSchema({"type": ["string", "integer"]}),
+]
+
+
+class EnvConfig(BaseModel):
+    """Which environment variables of the target ``netmirror exec`` gives the command."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    include: list[Pattern] = Field(
+        default_factory=lambda: ["*"],
+        description="Glob patterns (*, ?, [abc]; case-sensitive) of the target's variables "
+        "the command gets; a variable matching none keeps its local value.",
+    )
+    exclude: list[Pattern] = Field(
+        default_factory=lambda: list(DEFAULT_ENV_EXCLUDE),
+        description="Glob patterns of the target's variables the command does not get, "
+        "even if included: these keep their local value (or stay unset). The default "
+        "lists variables that describe the process or machine rather than the service: "
+        + ", ".join(DEFAULT_ENV_EXCLUDE)
+        + ".",
+    )
+    override: dict[str, EnvValue] = Field(
+        default_factory=dict,
+        description="Variables set for the command whatever the target and the local "
+        "environment say; applied last.",
+    )
+
+    @field_validator("override")
+    @classmethod
+    def _check_names(cls, override: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in override if not name or "=" in name or "\0" in name]
+        if bad:
+            # A ValidationError (not a ValueError) so the value shown is the bad name,
+            # not the whole mapping; pydantic prefixes the location with "override".
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [
+                    {
+                        "type": "value_error",
+                        "loc": (),
+                        "input": name,
+                        "ctx": {"error": ValueError(_ENV_NAME_RULE)},
+                    }
+                    for name in bad
+                ],
+            )
+        return override
+
+
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=64)
+def _networks(specs: tuple[str, ...]) -> tuple[_IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(spec, strict=False) for spec in specs)
+
+
+class OutgoingConfig(BaseModel):
+    """Which outgoing connections of ``netmirror exec``'s command leave from the target."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        default=True,
+        description="Send the command's outgoing TCP connections (and, with 'dns', its "
+        "name lookups) through the target, so they come from the target's network.",
+    )
+    include: list[Network] = Field(
+        default_factory=lambda: ["0.0.0.0/0", "::/0"],
+        description="IP networks (CIDR, e.g. 10.0.0.0/8 or fd00::/8) whose connections go "
+        "through the target.",
+    )
+    exclude: list[Network] = Field(
+        default_factory=list,
+        description="IP networks whose connections stay on this machine even if included. "
+        "Loopback (127.0.0.0/8, ::1) and the unspecified addresses (0.0.0.0, ::) are "
+        "always excluded.",
+    )
+    dns: bool = Field(
+        default=True,
+        description="Resolve host names with the target's resolver (its /etc/resolv.conf "
+        "and search domains), so cluster-internal names work.",
+    )
+
+    def matches(self, address: str) -> bool:
+        """Whether a connection to ``address`` goes through the target.
+
+        True if the address is in an ``include`` network, in no ``exclude`` network,
+        and is not loopback or unspecified. IPv4-mapped IPv6 addresses
+        (``::ffff:10.0.0.1``) count as their IPv4 address. ``enabled`` is not
+        consulted: the caller decides whether to intercept at all.
+
+        :raises ValueError: ``address`` is not an IP address.
+        """
+        ip = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback or ip.is_unspecified:
+            return False
+        if not any(ip in network for network in _networks(tuple(self.include))):
+            return False
+        return not any(ip in network for network in _networks(tuple(self.exclude)))
+
+
 class Config(BaseModel):
     """netmirror configuration: what to attach to, and which of its ports to take."""
 
@@ -326,6 +500,15 @@ class Config(BaseModel):
     kubernetes: KubernetesConfig = Field(
         default_factory=KubernetesConfig,
         description="Kubernetes targets: namespace and kubeconfig context.",
+    )
+    env: EnvConfig = Field(
+        default_factory=EnvConfig,
+        description="netmirror exec: which of the target's environment variables the command gets.",
+    )
+    outgoing: OutgoingConfig = Field(
+        default_factory=OutgoingConfig,
+        description="netmirror exec: which of the command's outgoing connections and name "
+        "lookups go through the target.",
     )
 
     @field_validator("target")
@@ -373,7 +556,16 @@ class Config(BaseModel):
 
 _MODELS: dict[str, type[BaseModel]] = {
     model.__name__: model
-    for model in (Config, PortConfig, AgentConfig, MirrorConfig, PcapConfig, KubernetesConfig)
+    for model in (
+        Config,
+        PortConfig,
+        AgentConfig,
+        MirrorConfig,
+        PcapConfig,
+        KubernetesConfig,
+        EnvConfig,
+        OutgoingConfig,
+    )
 }
 
 _TYPE_TEXTS: dict[str, str] = {
@@ -448,6 +640,14 @@ def _expected_keys(title: str, loc: Sequence[int | str]) -> list[str] | None:
 def _describe(error: ErrorDetails, title: str) -> tuple[tuple[int | str, ...], str]:
     """Split one pydantic error into the path it concerns and a text for people."""
     loc = tuple(error["loc"])
+    if len(loc) >= 2 and loc[-1] == "[key]" and error.get("input") == loc[-2]:
+        # pydantic locates a bad key of a mapping as (..., key, "[key]"), with the key
+        # as the input: report it at the mapping, as a key. (A value whose key is the
+        # text "[key]" has a location ending the same way, but not that input.)
+        inner = error.copy()
+        inner["loc"] = loc[:-2]
+        where, text = _describe(inner, title)
+        return where, f"key {text}"
     kind = error["type"]
     ctx = error.get("ctx") or {}
     value = error.get("input")
@@ -685,6 +885,18 @@ class Overrides:
     namespace: str | None = None
     context: str | None = None
     agent_mode: str | None = None
+    # The settings of `netmirror exec`. Errors in their values name the key they set
+    # (``env.exclude: '' must not be empty``), not a flag.
+    env_include: Sequence[str] | None = None
+    """Patterns that replace ``env.include`` when given."""
+    env_exclude: Sequence[str] = ()
+    """Patterns appended to ``env.exclude``."""
+    env_override: Mapping[str, str] | None = None
+    """Variables set on top of ``env.override`` (a flag's value wins over the file's)."""
+    outgoing: bool | None = None
+    """Sets ``outgoing.enabled``."""
+    outgoing_exclude: Sequence[str] = ()
+    """Networks appended to ``outgoing.exclude``."""
 
 
 def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides) -> Config:
@@ -694,7 +906,9 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
     Empty environment variables count as unset. Each ``--steal``/``--mirror`` spec
     sets the mode of the file's entry with the same remote port (keeping its
     ``local_host``, and its ``local`` unless the spec gives one) or adds a new entry;
-    file ports not named on flags stay as they are.
+    file ports not named on flags stay as they are. ``env_include`` replaces the file's
+    ``env.include``; ``env_exclude`` and ``outgoing_exclude`` are appended to the
+    file's lists; ``env_override`` is merged into the file's ``env.override``.
 
     :raises ConfigError: naming the file, variable or flag the bad value came from.
     """
@@ -767,6 +981,28 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
         data["pcap"] = {**pcap, "path": flags.pcap}
         origins[("pcap", "path")] = "--pcap"
 
+    def add_items(path: tuple[str, str], values: Sequence[str], *, replace: bool) -> None:
+        # Each item is labelled with the key it lands in, without its index: the
+        # index in the merged list would count the file's items too.
+        section: dict[str, Any] = data[path[0]]
+        items: list[Any] = [] if replace else section[path[1]]
+        section[path[1]] = [*items, *values]
+        for index in range(len(items), len(items) + len(values)):
+            origins[(*path, index)] = ".".join(path)
+
+    if flags.env_include is not None:
+        add_items(("env", "include"), flags.env_include, replace=True)
+    add_items(("env", "exclude"), flags.env_exclude, replace=False)
+    if flags.env_override is not None:
+        data["env"]["override"].update(flags.env_override)
+        # Bad names are reported at the mapping, bad values at their name.
+        origins[("env", "override")] = "env.override"
+        for name in flags.env_override:
+            origins[("env", "override", name)] = _format_path(("env", "override", name))
+    if flags.outgoing is not None:
+        put(("outgoing", "enabled"), flags.outgoing, "outgoing.enabled")
+    add_items(("outgoing", "exclude"), flags.outgoing_exclude, replace=False)
+
     def locate(loc: tuple[int | str, ...]) -> tuple[str | None, tuple[int | str, ...]]:
         # The most specific recorded origin wins; a variable or flag sets exactly
         # one value, so its name replaces the key path instead of preceding it.
@@ -814,6 +1050,8 @@ def dump_example() -> str:
     from the schema.
     """
     agent = AgentConfig()
+    env = EnvConfig()
+    outgoing = OutgoingConfig()
     lines = [
         "# netmirror configuration (YAML; TOML and JSON files take the same keys).",
         "# Precedence: this file < NETMIRROR_* environment variables < command-line flags.",
@@ -869,5 +1107,30 @@ def dump_example() -> str:
         "  namespace: default",
         *_comment(KubernetesConfig, "context", "  "),
         "  context: staging",
+        "",
+        *_comment(Config, "env", ""),
+        "env:",
+        *_comment(EnvConfig, "include", "  "),
+        "  include:",
+        *[f"    - {_scalar(pattern)}" for pattern in env.include],
+        *_comment(EnvConfig, "exclude", "  "),
+        "  exclude:",
+        *[f"    - {_scalar(pattern)}" for pattern in env.exclude],
+        *_comment(EnvConfig, "override", "  "),
+        "  override:",
+        "    LOG_LEVEL: debug",
+        "",
+        *_comment(Config, "outgoing", ""),
+        "outgoing:",
+        *_comment(OutgoingConfig, "enabled", "  "),
+        f"  enabled: {_scalar(outgoing.enabled)}",
+        *_comment(OutgoingConfig, "include", "  "),
+        "  include:",
+        *[f"    - {_scalar(network)}" for network in outgoing.include],
+        *_comment(OutgoingConfig, "exclude", "  "),
+        "  exclude:",
+        "    - 192.168.0.0/16",
+        *_comment(OutgoingConfig, "dns", "  "),
+        f"  dns: {_scalar(outgoing.dns)}",
     ]
     return "\n".join(lines) + "\n"

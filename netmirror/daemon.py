@@ -17,17 +17,18 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import aiohttp
 
 from netmirror import __version__
 from netmirror.config import Config, PortConfig
-from netmirror.errors import AgentError, NetmirrorError
+from netmirror.errors import AgentError, NetmirrorError, ProtocolError
+from netmirror.outgoing import Outgoing
 from netmirror.pcapfile import PcapSink, PcapWriter
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
-from netmirror.state import SessionDir, SessionRecord, pid_start
+from netmirror.state import SessionDir, SessionRecord, pid_alive, pid_start
 from netmirror.targets import AgentHandle, AgentSettings, resolve_target
 from netmirror.tasks import TaskSet, raise_fd_limit
 from netmirror.tunnel import PortStats, StreamBridge, Tunnel, tune_tunnel_socket
@@ -98,6 +99,10 @@ class Daemon:
         self._stop = asyncio.Event()
         self._welcomed: asyncio.Future[ev.Welcomed] | None = None
         self._answers: dict[int, asyncio.Future[ev.SubscriptionAnswered]] = {}
+        self._replies: dict[int, asyncio.Future[ev.ReplyReceived]] = {}
+        # netmirror exec: the command's outgoing traffic, and who runs the command.
+        self.exec: dict[str, Any] = dict(record.extra.get("exec") or {})
+        self.outgoing: Outgoing | None = None
         self._session: aiohttp.ClientSession | None = None
         self.agent_stats: dict[str, Any] = {}
         self._agent_stopping = False
@@ -112,6 +117,10 @@ class Daemon:
             future = self._answers.pop(event.request_id, None)
             if future is not None and not future.done():
                 future.set_result(event)
+        elif isinstance(event, ev.ReplyReceived):
+            reply = self._replies.pop(event.request_id, None)
+            if reply is not None and not reply.done():
+                reply.set_result(event)
         elif isinstance(event, ev.StatsReported):
             self.agent_stats = event.stats
         elif isinstance(event, ev.Welcomed):
@@ -171,6 +180,78 @@ class Daemon:
             tunnel.conn.reset(bridge.stream_id, reason)
             tunnel.forget(bridge)
             tunnel.kick()
+
+    async def ask(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Send a request to the agent and wait for its reply."""
+        tunnel = self.tunnel
+        if tunnel is None or tunnel.ws.closed:
+            raise AgentError("no tunnel to the agent")
+        try:
+            request_id = tunnel.conn.request(op, args)
+        except ProtocolError as exc:
+            raise AgentError(f"cannot ask the agent: {exc}") from None
+        reply: asyncio.Future[ev.ReplyReceived] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = reply
+        tunnel.kick()
+        ended: asyncio.Future[None] = asyncio.ensure_future(tunnel.closed())
+        try:
+            # A lost tunnel ends the wait: the agent will never answer.
+            await asyncio.wait(
+                [cast("asyncio.Future[Any]", reply), ended], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ended.cancel()
+            self._replies.pop(request_id, None)
+        if not reply.done():
+            reply.cancel()
+            raise AgentError("the tunnel closed before the agent answered")
+        event = reply.result()
+        if not event.ok:
+            raise AgentError(event.error)
+        return event.result
+
+    def _live_tunnel(self) -> Tunnel | None:
+        tunnel = self.tunnel
+        return tunnel if tunnel is not None and not tunnel.ws.closed else None
+
+    async def _start_exec(self) -> dict[str, Any]:
+        """For netmirror exec: the target's environment, and its outgoing traffic."""
+        assert self.tunnel is not None
+        features = self.tunnel.conn.peer_info.get("features") or []
+        missing = [f for f in ("connect", "resolve", "environ") if f not in features]
+        if missing:
+            version = self.tunnel.conn.peer_info.get("version", "unknown")
+            raise AgentError(
+                f"the agent (netmirror {version}) cannot run commands: it lacks "
+                f"{', '.join(missing)}; use an agent image of netmirror {__version__}"
+            )
+        result: dict[str, Any] = {}
+        self.progress.step("reading the target's environment")
+        try:
+            environ = await asyncio.wait_for(self.ask("environ", {}), SUBSCRIBE_TIMEOUT)
+            result.update(env=environ.get("env", {}), env_pid=environ.get("pid"))
+        except (NetmirrorError, TimeoutError) as exc:
+            result["env_error"] = str(exc) or "no answer"
+        if self.config.outgoing.enabled:
+            self.progress.step("redirecting the command's outgoing TCP and DNS to the target")
+            self.outgoing = Outgoing(
+                self.record.name,
+                self.config.outgoing,
+                tunnel_of=self._live_tunnel,
+                ask=self.ask,
+                spawn=lambda coro: self.tasks.spawn(coro, name="dns"),
+            )
+            await self.outgoing.start()
+            result["cgroup"] = str(self.outgoing.cgroup.path)
+        return result
+
+    async def _watch_owner(self, pid: int, start: int) -> None:
+        """End the session when the netmirror exec that owns it is gone."""
+        # No event tells us a non-child process exited; poll (pidfds need 3.12+ helpers).
+        while pid_alive(pid, start):  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        log.info("the command's netmirror exec (pid %d) is gone: ending the session", pid)
+        self._stop.set()
 
     # --- the tunnel --------------------------------------------------------------
 
@@ -294,6 +375,7 @@ class Daemon:
             "agent": agent,
             "ports": ports,
             "capture": self.agent_stats.get("capture"),
+            "outgoing": self.outgoing.status() if self.outgoing is not None else None,
             "pcap": self.pcap.status() if self.pcap is not None else None,
         }
 
@@ -328,6 +410,11 @@ class Daemon:
             loop.add_signal_handler(sig, self._stop.set)
         control = await asyncio.start_unix_server(self._control, path=str(self.sdir.control_socket))
         os.chmod(self.sdir.control_socket, 0o600)
+        if self.exec:
+            self.tasks.spawn(
+                self._watch_owner(int(self.exec["owner_pid"]), int(self.exec["owner_start"])),
+                name="owner",
+            )
         try:
             start = self.tasks.spawn(self._start(), name="start")
             stop = self.tasks.spawn(self._stop.wait(), name="stop-while-starting")
@@ -342,8 +429,22 @@ class Daemon:
                 log.error("%s", exc)
                 self.progress.send(error=str(exc))
                 return 1
+            exec_info: dict[str, Any] = {}
+            if self.exec:
+                exec_start = self.tasks.spawn(self._start_exec(), name="exec")
+                await asyncio.wait([exec_start, stop], return_when=asyncio.FIRST_COMPLETED)
+                if not exec_start.done():
+                    exec_start.cancel()
+                    self.progress.send(error="stopped while starting")
+                    return 1
+                try:
+                    exec_info = exec_start.result()
+                except NetmirrorError as exc:
+                    log.error("%s", exc)
+                    self.progress.send(error=str(exc))
+                    return 1
             self.state = "ready"
-            self.progress.send(ready=True, status=self.status())
+            self.progress.send(ready=True, status=self.status(), exec=exec_info)
             self.progress.close()
             await self._serve(tunnel_task)
             return 0
@@ -426,6 +527,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("stopping the session")
+        if self.outgoing is not None:
+            await self.outgoing.stop()
         # The agent first: it removes its rules before it closes its listeners and
         # the tunnel, so new connections go straight back to the target.
         if self.agent is not None:

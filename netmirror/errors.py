@@ -45,3 +45,11 @@ class ProtocolError(NetmirrorError):
 
 class AuthenticationError(ProtocolError):
     """The peer did not present the session token."""
+
+
+class CommandError(NetmirrorError):
+    """``netmirror exec`` could not start the command (exit codes as in a shell)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -434,7 +434,7 @@ class PassthroughBridge(_Half):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        from netmirror.agent import original_destination
+        from netmirror.tunnel import original_destination
 
         assert self.transport is not None
         dst = original_destination(self.transport.get_extra_info("socket"))

@@ -137,9 +137,10 @@ class LocalAgent(AgentHandle):
 class LocalNamespaceTarget(Target):
     """A network namespace on this machine, named or by process."""
 
-    def __init__(self, spec: str, netns_path: Path) -> None:
+    def __init__(self, spec: str, netns_path: Path, pid: int | None = None) -> None:
         self.spec = spec
         self.netns_path = netns_path
+        self.pid = pid
 
     def describe(self) -> str:
         return f"{self.spec} ({self.netns_path})"
@@ -167,8 +168,10 @@ class LocalNamespaceTarget(Target):
             str(settings.ttl),
             "--token-stdin",
         ]
+        if self.pid is not None:
+            cmd += ["--target-pid", str(self.pid)]
         if settings.debug:
-            cmd.append("--debug")
+            cmd.insert(3, "--debug")  # a global option: before the subcommand
         proc = await asyncio.create_subprocess_exec(
             *cmd,
             stdin=asyncio.subprocess.PIPE,
@@ -229,7 +232,7 @@ def resolve_target(spec: str, config: Config | None = None) -> Target:
             raise TargetError(f"no process with pid {name}")
         if not os.access(path, os.R_OK):
             raise TargetError(f"cannot enter the network namespace of pid {name}: run as root")
-        return LocalNamespaceTarget(spec, path)
+        return LocalNamespaceTarget(spec, path, pid=int(name))
     if kind in KUBERNETES_KINDS:
         from netmirror.config import Config
         from netmirror.kube.target import KubeTarget

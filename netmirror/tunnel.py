@@ -69,6 +69,8 @@ class PortStats:
 #: flight, so neither end waits on the other for each one.
 TUNNEL_SOCKET_BUFFER = 4 * 1024 * 1024
 
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, same value for IP6T_SO_ORIGINAL_DST
+
 
 def tune_tunnel_socket(sock: Any) -> None:
     """Large buffers (and no Nagle delay) on the connection that carries the tunnel."""
@@ -84,6 +86,18 @@ def tune_tunnel_socket(sock: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+
+def original_destination(sock: Any) -> tuple[str, int] | None:
+    """Where a redirected connection was going, from conntrack (None if not redirected)."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+    except OSError:
+        return None
 
 
 def abort_with_reset(transport: asyncio.Transport | None) -> None:
@@ -358,6 +372,7 @@ class Tunnel:
         self._wakeup = asyncio.Event()
         self._waiters = _Waiters()
         self._closed = False
+        self._ended = asyncio.Event()
         self.close_reason = ""
 
     def kick(self, bridge: Endpoint | None = None) -> None:
@@ -395,7 +410,12 @@ class Tunnel:
             self.abort_streams("the tunnel closed")
             if not self.ws.closed:
                 await self.ws.close()
+            self._ended.set()
         return self.close_reason
+
+    async def closed(self) -> None:
+        """Wait until :meth:`run` has finished."""
+        await self._ended.wait()
 
     def abort_streams(self, reason: str) -> None:
         """Reset every socket: their stream cannot continue."""

@@ -46,14 +46,28 @@ EXIT_IN_USE = 3
 _READY = b"ready\n"
 
 
-def socket_address(session: str) -> str:
+#: What a guard removes: a session's steal rules (in a target), or its outgoing rules
+#: (on the developer's machine, for ``netmirror exec``).
+KINDS = ("steal", "outgoing")
+
+
+def socket_address(session: str, kind: str = "steal") -> str:
     """Return the abstract unix socket address of ``session`` (leading NUL included)."""
-    return "\0netmirror/" + validate_session(session)
+    prefix = "\0netmirror/" if kind == "steal" else f"\0netmirror-{kind}/"
+    return prefix + validate_session(session)
 
 
-def session_alive(session: str, *, timeout: float = 1.0) -> bool:
+def _firewall(session: str, backend: Backend, kind: str) -> IptablesNat:
+    if kind == "outgoing":
+        from netmirror.firewall.outgoing import OutgoingNat
+
+        return OutgoingNat(session, backend=backend)
+    return IptablesNat(session, backend=backend)
+
+
+def session_alive(session: str, *, timeout: float = 1.0, kind: str = "steal") -> bool:
     """True if a guard of ``session`` runs in the current network namespace."""
-    address = socket_address(session)
+    address = socket_address(session, kind)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -114,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--session", required=True)
     parser.add_argument("--backend", required=True, choices=[b.value for b in Backend])
+    parser.add_argument("--kind", default="steal", choices=KINDS)
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -123,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     session: str = args.session
     backend = Backend(args.backend)
     try:
-        address = socket_address(session)
+        address = socket_address(session, args.kind)
     except ValueError as exc:
         _say(str(exc))
         return 2
@@ -162,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         try:
-            IptablesNat(session, backend=backend).teardown()
+            _firewall(session, backend, args.kind).teardown()
         except FirewallError as exc:
             _say(f"cleanup of session {session!r} failed: {exc}")
             status = 1
@@ -207,7 +222,9 @@ class Guard:
         return self._process.poll()
 
     @classmethod
-    def start(cls, session: str, backend: Backend, *, timeout: float = 5.0) -> Guard:
+    def start(
+        cls, session: str, backend: Backend, *, timeout: float = 5.0, kind: str = "steal"
+    ) -> Guard:
         """Start a guard for ``session`` in the current network namespace.
 
         Returns once the guard reported ``ready``. Raises SessionError if the session is
@@ -227,6 +244,8 @@ class Guard:
                 session,
                 "--backend",
                 backend.value,
+                "--kind",
+                kind,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

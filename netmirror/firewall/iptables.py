@@ -580,9 +580,13 @@ class IptablesNat:
         if proc.returncode != 0:
             raise _failure(f"{self._backend.restore(family)} of chain {self._chain} failed", proc)
 
+    def _hook_rules(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The rules that jump into the chain: (built-in chain, match)."""
+        return _HOOKS
+
     def _ensure_hooks(self, family: int) -> None:
         tool = self._tool(family)
-        for hook_chain, match in _HOOKS:
+        for hook_chain, match in self._hook_rules():
             spec = (hook_chain, *match, "-j", self._chain)
             check = _run([tool, *_LOCK_WAIT, "-t", "nat", "-C", *spec])
             if check.returncode == 0:

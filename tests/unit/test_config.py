@@ -15,8 +15,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from netmirror.config import (
+    DEFAULT_ENV_EXCLUDE,
     AgentConfig,
     Config,
+    EnvConfig,
+    OutgoingConfig,
     Overrides,
     PortConfig,
     build_config,
@@ -124,7 +127,8 @@ def test_config_error_is_a_netmirror_error() -> None:
         ),
         (
             {"tagret": "netns/x"},
-            "tagret: unknown key (expected one of target, session, ports, agent, pcap, kubernetes)",
+            "tagret: unknown key "
+            "(expected one of target, session, ports, agent, pcap, kubernetes, env, outgoing)",
         ),
         (
             {"agent": {"imgae": "x"}},
@@ -610,6 +614,293 @@ def test_environment_and_flag_errors_name_their_source(
     assert str(caught.value) == message
 
 
+# ------------------------------------------------- netmirror exec: env, outgoing
+
+
+def test_exec_defaults() -> None:
+    config = Config()
+    assert config.env == EnvConfig()
+    assert config.env.include == ["*"]
+    assert config.env.exclude == list(DEFAULT_ENV_EXCLUDE)
+    assert config.env.override == {}
+    assert config.outgoing == OutgoingConfig()
+    assert config.outgoing.enabled is True
+    assert config.outgoing.include == ["0.0.0.0/0", "::/0"]
+    assert config.outgoing.exclude == []
+    assert config.outgoing.dns is True
+
+
+def test_default_env_exclude() -> None:
+    assert DEFAULT_ENV_EXCLUDE == (
+        "PATH",
+        "HOME",
+        "HOSTNAME",
+        "PWD",
+        "OLDPWD",
+        "SHLVL",
+        "TERM",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "_",
+        "LD_*",
+        "PYTHONHOME",
+    )
+    # Services read the Kubernetes service variables: they come from the target.
+    assert not any(pattern.startswith("KUBERNETES") for pattern in DEFAULT_ENV_EXCLUDE)
+
+
+def test_default_lists_are_not_shared() -> None:
+    assert EnvConfig().exclude is not EnvConfig().exclude
+    assert OutgoingConfig().include is not OutgoingConfig().include
+
+
+def test_exec_sections_from_a_file(in_tmp: Path) -> None:
+    path = write(
+        "config.yaml",
+        "env:\n"
+        "  include: ['APP_*', 'DB_?']\n"
+        "  exclude: [APP_DEBUG]\n"
+        "  override: {PORT: 8080, MODE: dev, EMPTY: ''}\n"
+        "outgoing:\n"
+        "  enabled: false\n"
+        "  include: [10.0.0.0/8, 'fd00::/8']\n"
+        "  exclude: [10.1.2.3]\n"
+        "  dns: no\n",
+    )
+    config = build_config(file=path, env={}, flags=NO_FLAGS)
+    assert config.env == EnvConfig(
+        include=["APP_*", "DB_?"],
+        exclude=["APP_DEBUG"],
+        # YAML reads 8080 as a number; it is meant as the text.
+        override={"PORT": "8080", "MODE": "dev", "EMPTY": ""},
+    )
+    assert config.outgoing == OutgoingConfig(
+        enabled=False, include=["10.0.0.0/8", "fd00::/8"], exclude=["10.1.2.3"], dns=False
+    )
+
+
+def test_exec_sections_survive_a_json_round_trip() -> None:
+    config = Config(
+        env=EnvConfig(include=["A*"], override={"X": "1"}),
+        outgoing=OutgoingConfig(exclude=["10.0.0.0/8"]),
+    )
+    assert parse_config(json.loads(json.dumps(config.model_dump(mode="json")))) == config
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"outgoing": {"exclude": ["10.0.0.0/8", "10.0.0.0/33"]}},
+            "outgoing.exclude[1]: '10.0.0.0/33' is not an IP network",
+        ),
+        (
+            {"outgoing": {"include": ["0.0.0.0/0", "example.com"]}},
+            "outgoing.include[1]: 'example.com' is not an IP network",
+        ),
+        ({"outgoing": {"include": [""]}}, "outgoing.include[0]: '' is not an IP network"),
+        (
+            {"outgoing": {"exclude": [" 10.0.0.0/8"]}},
+            "outgoing.exclude[0]: ' 10.0.0.0/8' is not an IP network",
+        ),
+        ({"outgoing": {"exclude": [10]}}, "outgoing.exclude[0]: 10 is not a string"),
+        ({"outgoing": {"exclude": "10.0.0.0/8"}}, "outgoing.exclude: '10.0.0.0/8' is not a list"),
+        ({"outgoing": {"enabled": "maybe"}}, "outgoing.enabled: 'maybe' is not true or false"),
+        ({"outgoing": {"dns": []}}, "outgoing.dns: [] is not true or false"),
+        (
+            {"outgoing": {"exlude": []}},
+            "outgoing.exlude: unknown key (expected one of enabled, include, exclude, dns)",
+        ),
+        ({"env": {"include": ["*", ""]}}, "env.include[1]: '' must not be empty"),
+        ({"env": {"exclude": [""]}}, "env.exclude[0]: '' must not be empty"),
+        ({"env": {"exclude": "PATH"}}, "env.exclude: 'PATH' is not a list"),
+        (
+            {"env": {"override": {"A=B": "x"}}},
+            "env.override: 'A=B' is not an environment variable name "
+            "(it must not be empty or contain '=' or NUL)",
+        ),
+        (
+            {"env": {"override": {"": "x"}}},
+            "env.override: '' is not an environment variable name "
+            "(it must not be empty or contain '=' or NUL)",
+        ),
+        (
+            {"env": {"override": {"OK": "1", "A\0B": "x", "=": "y"}}},
+            "env.override: 'A\\x00B' is not an environment variable name "
+            "(it must not be empty or contain '=' or NUL) (and 1 more)",
+        ),
+        (
+            {"env": {"override": {"A": "x\0y"}}},
+            "env.override.A: 'x\\x00y' must not contain a NUL character",
+        ),
+        (
+            {"env": {"override": {"DEBUG": True}}},
+            "env.override.DEBUG: True is not a string "
+            "(quote it: YAML reads yes/no/on/off as booleans)",
+        ),
+        ({"env": {"override": {"V": 1.10}}}, "env.override.V: 1.1 is not a string"),
+        ({"env": {"override": {"V": None}}}, "env.override.V: None is not a string"),
+        ({"env": {"override": {1: "x"}}}, "env.override: key 1 is not a string"),
+        ({"env": {"override": {"[key]": 1.5}}}, "env.override['[key]']: 1.5 is not a string"),
+        ({"env": {"override": ["A=B"]}}, "env.override: ['A=B'] is not a mapping"),
+        (
+            {"env": {"overide": {}}},
+            "env.overide: unknown key (expected one of include, exclude, override)",
+        ),
+    ],
+)
+def test_exec_error_messages(data: dict[Any, Any], message: str) -> None:
+    assert config_error(data) == message
+    assert config_error(data, source="config.yaml") == f"config.yaml: {message}"
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("10.1.2.3", True),
+        ("93.184.216.34", True),
+        ("2001:db8::1", True),
+        ("fe80::1%eth0", True),
+        # Loopback and "this machine" never leave it.
+        ("127.0.0.1", False),
+        ("127.255.0.9", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::", False),
+    ],
+)
+def test_outgoing_matches_by_default(address: str, expected: bool) -> None:
+    assert OutgoingConfig().matches(address) is expected
+
+
+def test_outgoing_matches_include_and_exclude() -> None:
+    outgoing = OutgoingConfig(
+        include=["10.0.0.0/8", "fd00::/8", "192.168.1.7"],
+        exclude=["10.96.0.0/12", "10.1.2.3/32", "fd00:1::/32"],
+    )
+    assert outgoing.matches("10.0.0.1")
+    assert outgoing.matches("10.1.2.4")
+    assert outgoing.matches("192.168.1.7")
+    assert outgoing.matches("fd00::5")
+    # An IPv4-mapped IPv6 address is its IPv4 address.
+    assert outgoing.matches("::ffff:10.0.0.1")
+    assert not outgoing.matches("::ffff:10.1.2.3")
+    assert not outgoing.matches("10.1.2.3")
+    assert not outgoing.matches("10.100.0.1")  # in 10.96.0.0/12
+    assert not outgoing.matches("fd00:1::5")
+    assert not outgoing.matches("192.168.1.8")
+    assert not outgoing.matches("8.8.8.8")
+    assert not outgoing.matches("2001:db8::1")
+
+
+def test_outgoing_matches_accepts_host_bits_and_never_loopback() -> None:
+    # strict=False: 10.1.2.3/8 means 10.0.0.0/8, as people often write it.
+    outgoing = OutgoingConfig(include=["10.1.2.3/8", "127.0.0.0/8", "::1/128"])
+    assert outgoing.matches("10.200.0.1")
+    assert not outgoing.matches("127.0.0.1")
+    assert not outgoing.matches("::1")
+
+
+def test_outgoing_matches_ignores_enabled() -> None:
+    assert OutgoingConfig(enabled=False).matches("10.0.0.1")
+
+
+def test_outgoing_matches_with_nothing_included() -> None:
+    assert not OutgoingConfig(include=[]).matches("10.0.0.1")
+
+
+@pytest.mark.parametrize("address", ["", "example.com", "10.0.0.0/8", "300.1.1.1"])
+def test_outgoing_matches_rejects_non_addresses(address: str) -> None:
+    with pytest.raises(ValueError):
+        OutgoingConfig().matches(address)
+
+
+def test_exec_overrides(in_tmp: Path) -> None:
+    path = write(
+        "config.yaml",
+        "env:\n"
+        "  include: ['APP_*']\n"
+        "  exclude: [APP_SECRET]\n"
+        "  override: {A: file, B: file}\n"
+        "outgoing:\n"
+        "  exclude: [10.0.0.0/8]\n",
+    )
+    assert build_config(file=path, env={}, flags=NO_FLAGS).env.include == ["APP_*"]
+    flags = Overrides(
+        env_include=("DB_*", "APP_*"),
+        env_exclude=("APP_TOKEN", "DB_PASSWORD"),
+        env_override={"B": "flag", "C": "flag"},
+        outgoing=False,
+        outgoing_exclude=("192.168.0.0/16",),
+    )
+    config = build_config(file=path, env={}, flags=flags)
+    # env_include replaces, the exclude lists are appended to, override is merged.
+    assert config.env == EnvConfig(
+        include=["DB_*", "APP_*"],
+        exclude=["APP_SECRET", "APP_TOKEN", "DB_PASSWORD"],
+        override={"A": "file", "B": "flag", "C": "flag"},
+    )
+    assert config.outgoing == OutgoingConfig(
+        enabled=False, exclude=["10.0.0.0/8", "192.168.0.0/16"]
+    )
+
+
+def test_exec_overrides_without_a_file() -> None:
+    flags = Overrides(env_exclude=["AWS_*"], outgoing_exclude=["::/0"], env_include=[])
+    config = build_config(file=None, env={}, flags=flags)
+    assert config.env.exclude == [*DEFAULT_ENV_EXCLUDE, "AWS_*"]
+    assert config.env.include == []  # an empty include takes nothing from the target
+    assert config.outgoing.exclude == ["::/0"]
+    assert build_config(file=None, env={}, flags=Overrides(outgoing=True)).outgoing.enabled
+
+
+def test_exec_overrides_leave_the_file_alone_when_not_given(in_tmp: Path) -> None:
+    text = "env:\n  include: [X]\n  override: {A: '1'}\noutgoing:\n  enabled: false\n"
+    path = write("config.yaml", text)
+    assert build_config(file=path, env={}, flags=NO_FLAGS) == parse_config(yaml.safe_load(text))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            Overrides(outgoing_exclude=["10.0.0.0/8", "10.0.0.0/33"]),
+            "outgoing.exclude: '10.0.0.0/33' is not an IP network",
+        ),
+        (Overrides(env_exclude=[""]), "env.exclude: '' must not be empty"),
+        (Overrides(env_include=["*", ""]), "env.include: '' must not be empty"),
+        (
+            Overrides(env_override={"A=B": "x"}),
+            "env.override: 'A=B' is not an environment variable name "
+            "(it must not be empty or contain '=' or NUL)",
+        ),
+        (
+            Overrides(env_override={"": "x"}),
+            "env.override: '' is not an environment variable name "
+            "(it must not be empty or contain '=' or NUL)",
+        ),
+        (
+            Overrides(env_override={"A": "x\0"}),
+            "env.override.A: 'x\\x00' must not contain a NUL character",
+        ),
+    ],
+)
+def test_exec_override_errors_name_the_key(flags: Overrides, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_config(file=None, env={}, flags=flags)
+    assert str(caught.value) == message
+
+
+def test_exec_override_errors_do_not_blame_the_file(in_tmp: Path) -> None:
+    path = write("config.yaml", "outgoing:\n  exclude: [10.0.0.0/8, 10.1.0.0/16]\n")
+    with pytest.raises(ConfigError) as caught:
+        build_config(file=path, env={}, flags=Overrides(outgoing_exclude=["bad"]))
+    # No index: it would count the file's two items.
+    assert str(caught.value) == "outgoing.exclude: 'bad' is not an IP network"
+
+
 # -------------------------------------------------------- schema and example
 
 
@@ -627,6 +918,8 @@ def test_json_schema() -> None:
         "agent",
         "pcap",
         "kubernetes",
+        "env",
+        "outgoing",
     ]
     port = schema["$defs"]["PortConfig"]
     assert list(port["properties"]) == ["remote", "mode", "local", "local_host", "mirror"]
@@ -638,8 +931,26 @@ def test_json_schema() -> None:
     assert list(agent["properties"]) == ["image", "ttl", "ready_timeout", "mode", "port"]
     assert agent["properties"]["ttl"]["exclusiveMinimum"] == 0
     assert agent["properties"]["ttl"]["maximum"] == 3600
+    env = schema["$defs"]["EnvConfig"]
+    assert list(env["properties"]) == ["include", "exclude", "override"]
+    assert env["properties"]["include"]["items"] == {"type": "string"}
+    assert env["properties"]["override"]["additionalProperties"] == {"type": ["string", "integer"]}
+    assert "PYTHONHOME" in env["properties"]["exclude"]["description"]
+    outgoing = schema["$defs"]["OutgoingConfig"]
+    assert list(outgoing["properties"]) == ["enabled", "include", "exclude", "dns"]
+    assert outgoing["properties"]["enabled"]["type"] == "boolean"
+    assert outgoing["properties"]["enabled"]["default"] is True
+    assert "127.0.0.0/8" in outgoing["properties"]["exclude"]["description"]
+    for section in ("env", "outgoing"):
+        assert "netmirror exec" in schema["properties"][section]["description"]
     # Every field is documented, which is what makes the schema useful in editors.
-    for properties in (schema["properties"], port["properties"], agent["properties"]):
+    for properties in (
+        schema["properties"],
+        port["properties"],
+        agent["properties"],
+        env["properties"],
+        outgoing["properties"],
+    ):
         for name, spec in properties.items():
             assert spec.get("description"), name
 
@@ -658,7 +969,9 @@ def test_dump_example_is_a_valid_config(in_tmp: Path) -> None:
     assert config.ports[0].local_port == 8080
     assert config.agent == AgentConfig()
     assert all(len(line) <= 100 for line in text.splitlines())
-    for model in (Config, PortConfig, AgentConfig):
+    assert config.env == EnvConfig(override={"LOG_LEVEL": "debug"})
+    assert config.outgoing == OutgoingConfig(exclude=["192.168.0.0/16"])
+    for model in (Config, PortConfig, AgentConfig, EnvConfig, OutgoingConfig):
         for name in model.model_fields:
             assert f"{name}:" in text, name
 
@@ -709,6 +1022,13 @@ KEYS = st.sampled_from(
         "image",
         "ttl",
         "ready_timeout",
+        "env",
+        "outgoing",
+        "include",
+        "exclude",
+        "override",
+        "enabled",
+        "dns",
     ]
 )
 SCALARS = (
@@ -718,6 +1038,7 @@ SCALARS = (
     | st.floats()
     | st.text(max_size=20)
     | st.sampled_from(["steal", "mirror", "off", "netns/x", "pod/a", "demo", "127.0.0.1", "80"])
+    | st.sampled_from(["*", "LD_*", "10.0.0.0/8", "::/0", "10.0.0.0/33", "A=B", "a\0b"])
     | st.integers(min_value=0, max_value=70000)
 )
 DOCUMENTS = st.recursive(
