@@ -257,9 +257,17 @@ def _run_command(command: list[str], env: dict[str, str], cgroup: Path | None) -
 
     def forward(signum: int, frame: Any) -> None:
         # Ctrl-C on a terminal reaches the command directly (same process group).
-        if signum != signal.SIGINT or not sys.stdin.isatty():
+        if signum == signal.SIGINT and sys.stdin.isatty():
+            return
+        # Like a terminal's Ctrl-C, the signal goes to the whole tree: every process
+        # of the command's cgroup (a shell waits for its child before it reacts).
+        pids = [proc.pid]
+        if procs_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                pids = [int(pid) for pid in Path(procs_file).read_text().split()] or pids
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signum)
+                os.kill(pid, signum)
 
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, forward) for sig in signals}

@@ -466,6 +466,7 @@ class Daemon:
             ttl=self.config.agent.ttl,
             ready_timeout=self.config.agent.ready_timeout,
             debug=self.debug,
+            read_environment=bool(self.exec),
         )
         self.agent = await target.start_agent(
             settings, log_file=self.log_file, progress=self.progress.step

@@ -45,6 +45,8 @@ class AgentSettings:
     ttl: float
     ready_timeout: float
     debug: bool = False
+    read_environment: bool = False
+    """netmirror exec: the agent must read the target process's environment."""
 
 
 class AgentHandle(abc.ABC):

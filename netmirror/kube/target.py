@@ -273,6 +273,11 @@ def ephemeral_container(
     settings: AgentSettings, *, name: str, image: str, port: int, target: str | None
 ) -> dict[str, Any]:
     """The ephemeral container that runs the agent in the target pod."""
+    # iptables rules (NET_ADMIN) and the capture socket (NET_RAW); for netmirror exec
+    # also SYS_PTRACE, which reading another user's /proc/PID/environ takes.
+    capabilities = ["NET_ADMIN", "NET_RAW"]
+    if settings.read_environment:
+        capabilities.append("SYS_PTRACE")
     spec: dict[str, Any] = {
         "name": name,
         "image": image,
@@ -282,8 +287,7 @@ def ephemeral_container(
             "runAsUser": 0,
             "runAsNonRoot": False,
             "allowPrivilegeEscalation": False,
-            # iptables rules (NET_ADMIN) and the capture socket (NET_RAW), nothing else.
-            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "capabilities": {"add": capabilities, "drop": ["ALL"]},
         },
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -535,3 +536,33 @@ async def test_tunnel_cut_reconnects_and_resets_what_it_cut(
     assert session["reconnects"] == 1 and session["state"] == "ready"
     code, _, err = await run(kenv, "down", "--session", "cut")
     assert code == 0, err
+
+
+async def test_exec_runs_a_command_as_if_in_the_pod(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]]
+) -> None:
+    fake, kenv = cluster
+    # The pod's main process (its lowest pid), whose environment the command gets.
+    app = env.sandbox.popen("env", "-i", "PATH=/usr/bin:/bin", "APP_COLOR=blue", "sleep", "600")
+    env.procs.append(app)
+    # A name only the pod's hosts file knows (kubelet writes /etc/hosts in a pod).
+    etc = Path("/etc/netns") / env.sandbox.netns
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "hosts").write_text(f"127.0.0.1 localhost\n{env.sandbox.pod_ip} web-internal\n")
+    try:
+        env.server("http", POD_PORT, in_pod=True, text="pod\n")
+        script = f"echo color=$APP_COLOR; curl -sS -m 5 http://web-internal:{POD_PORT}/"
+        code, out, err = await run(
+            kenv, "exec", "--target", "deployment/web", "--session", "kx", "--", "sh", "-c", script
+        )
+        assert code == 0, err
+        assert out.splitlines() == ["color=blue", "pod"]
+        (patch,) = fake.patches
+        (container,) = patch["body"]["spec"]["ephemeralContainers"]
+        assert "SYS_PTRACE" in container["securityContext"]["capabilities"]["add"]
+        # The session ended with the command: the agent was asked to leave.
+        (agent,) = fake.agents
+        await asyncio.to_thread(agent.wait, 10)
+        assert env.chains() == ""
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)

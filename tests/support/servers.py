@@ -105,9 +105,39 @@ async def sink_handler(
         log.write(f"{digest.hexdigest()} {size} {ended}\n")
 
 
+class DnsZone(asyncio.DatagramProtocol):
+    """A tiny authoritative DNS server: A records of ``--text 'name=ip,...'``, else NXDOMAIN."""
+
+    def __init__(self, records: dict[str, str]) -> None:
+        self.records = records
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        query = dns.message.from_wire(data)
+        response = dns.message.make_response(query)
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True).lower()
+        if name not in self.records:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        elif question.rdtype == dns.rdatatype.A:
+            response.answer.append(
+                dns.rrset.from_text(question.name, 30, "IN", "A", self.records[name])
+            )
+        assert self.transport is not None
+        self.transport.sendto(response.to_wire(), addr)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["sha", "http", "echo", "sink", "stall"])
+    parser.add_argument("kind", choices=["sha", "http", "echo", "sink", "stall", "dns"])
     parser.add_argument("--log", default="")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="::")
@@ -130,6 +160,15 @@ async def main() -> None:
     elif args.kind == "sink":
         log_path = args.log
         handler = lambda r, w: sink_handler(r, w, log_path)  # noqa: E731
+    elif args.kind == "dns":
+        records = dict(item.split("=", 1) for item in args.text.split(","))
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(
+            lambda: DnsZone(records), local_addr=(args.host, args.port)
+        )
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+        return
     else:
         handler = echo_handler
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET

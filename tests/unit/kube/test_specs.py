@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,16 @@ def test_ephemeral_container_is_a_valid_v1_ephemeral_container() -> None:
         "drop": ["ALL"],
     }
     assert spec["targetContainerName"] == "app"
+
+
+def test_exec_adds_only_sys_ptrace_to_read_the_environment() -> None:
+    settings = dataclasses.replace(SETTINGS, read_environment=True)
+    spec = ephemeral_container(settings, name="n", image="i", port=1, target="app")
+    assert spec["securityContext"]["capabilities"] == {
+        "add": ["NET_ADMIN", "NET_RAW", "SYS_PTRACE"],
+        "drop": ["ALL"],
+    }
+    assert field_problems(spec, "V1EphemeralContainer", "ephemeralContainer") == []
 
 
 def test_the_token_never_appears_in_a_spec_only_its_digest() -> None:

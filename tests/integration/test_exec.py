@@ -1,0 +1,272 @@
+"""`netmirror exec`: a local command reaches what only the target reaches, as the target.
+
+The world: the sandbox "pod" namespace, and behind it a "db" namespace that only
+the pod can reach (the pod does not forward, so this host cannot). The pod's own
+resolver files (/etc/netns/<pod>/hosts and resolv.conf) name the db; a real DNS
+server in the db answers names under the pod's search domain. A process in the
+pod carries the environment the command should see.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from netmirror.outgoing import CGROUP_PREFIX, cgroup2_root
+from tests.integration.conftest import SERVERS, Env, free_port, wait_ready
+
+SEARCH = "shop.svc.cluster.local"
+CLIENT = """
+import os, sys, urllib.request
+print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())
+"""
+
+
+@dataclass
+class Private:
+    db_ip: str
+    http_port: int
+    netns: str
+
+
+def _host_outgoing_rules() -> str:
+    out = []
+    for tool in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save"):
+        if shutil.which(tool):
+            res = subprocess.run([tool], capture_output=True, text=True, check=False)
+            out += [line for line in res.stdout.splitlines() if "NMOUT" in line]
+    return "\n".join(out)
+
+
+def _our_cgroups(session: str) -> list[Path]:
+    root = cgroup2_root()
+    if root is None:
+        return []
+    return [p for p in root.glob(CGROUP_PREFIX + session + "*") if p.is_dir()]
+
+
+@pytest.fixture
+def private(env: Env) -> Iterator[Private]:
+    if cgroup2_root() is None:
+        pytest.skip("netmirror exec needs a cgroup v2 hierarchy")
+    box = env.sandbox
+    db_ns = f"nmdb-{box.name}"
+    pod_ip = f"172.31.{box.index}.1"
+    db_ip = f"172.31.{box.index}.2"
+    etc = Path("/etc/netns") / box.netns
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def sh(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True)
+
+    try:
+        # The target's main process first: the lowest pid of the pod, read for its env.
+        app = box.popen(
+            "env",
+            "-i",
+            "PATH=/usr/bin:/bin",
+            "HOME=/srv/app",
+            "ORDERS_URL=http://orders:8000/",
+            "APP_MODE=staging",
+            "SECRET_TOKEN=from-the-pod",
+            "sleep",
+            "600",
+        )
+        procs.append(app)
+        sh("ip", "netns", "add", db_ns)
+        sh("ip", "-n", box.netns, "link", "add", "db0", "type", "veth", "peer", "name", "db1")
+        sh("ip", "-n", box.netns, "link", "set", "db1", "netns", db_ns)
+        sh("ip", "-n", box.netns, "addr", "add", f"{pod_ip}/24", "dev", "db0")
+        sh("ip", "-n", box.netns, "link", "set", "db0", "up")
+        sh("ip", "-n", db_ns, "addr", "add", f"{db_ip}/24", "dev", "db1")
+        sh("ip", "-n", db_ns, "link", "set", "db1", "up")
+        sh("ip", "-n", db_ns, "link", "set", "lo", "up")
+        # This host knows the way (through the pod), but the pod does not forward:
+        # without netmirror the db is out of reach, with no route error to hide that.
+        sh("ip", "route", "add", f"172.31.{box.index}.0/24", "via", box.pod_ip)
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{db_ip} orders-db.internal\n")
+        (etc / "resolv.conf").write_text(f"search {SEARCH}\nnameserver {db_ip}\noptions ndots:5\n")
+        http_port = 8000
+        for kind, port, text in (
+            ("http", http_port, "orders from the db\n"),
+            ("dns", 53, f"orders.{SEARCH}={db_ip}"),
+        ):
+            argv = [sys.executable, str(SERVERS), kind, "--port", str(port), "--host", db_ip]
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", db_ns, *argv, "--text", text],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            procs.append(proc)
+            wait_ready(proc, f"{kind} server in the db")
+        yield Private(db_ip=db_ip, http_port=http_port, netns=db_ns)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        subprocess.run(["ip", "netns", "del", db_ns], capture_output=True, check=False)
+        shutil.rmtree(etc, ignore_errors=True)
+
+
+def _exec(
+    env: Env, *args: str, session: str = "x1", timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    return env.netmirror(
+        "exec", "--target", env.sandbox.target, "--session", session, *args, timeout=timeout
+    )
+
+
+def _assert_clean(env: Env, session: str) -> None:
+    deadline = time.monotonic() + 10
+    while (_host_outgoing_rules() or _our_cgroups(session)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _host_outgoing_rules() == ""
+    assert _our_cgroups(session) == []
+
+
+def test_outside_netmirror_the_db_is_out_of_reach(env: Env, private: Private) -> None:
+    # The premise of the other tests: from this host, the db does not answer.
+    res = subprocess.run(
+        ["curl", "-sS", "-m", "2", f"http://{private.db_ip}:{private.http_port}/"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode != 0
+
+
+def test_command_reaches_the_targets_services_by_its_names(env: Env, private: Private) -> None:
+    local_port = free_port()
+    env.server("http", local_port, in_pod=False, text="from this machine\n")
+    script = (
+        # A name only the pod's hosts file knows.
+        f"curl -sS -m 5 http://orders-db.internal:{private.http_port}/; "
+        # A name only the pod's DNS server knows, under the pod's search domain.
+        f"curl -sS -m 5 http://orders:{private.http_port}/; "
+        # The same from Python, with the URL from the pod's environment.
+        f'{sys.executable} -c "$CLIENT" "$ORDERS_URL"; '
+        # Loopback stays on this machine.
+        f"curl -sS -m 5 http://127.0.0.1:{local_port}/; "
+        'echo "mode=$APP_MODE secret=${SECRET_TOKEN:-unset} home=$HOME"; '
+        "exit 3"
+    )
+    run_env = env.env | {"CLIENT": CLIENT, "HOME": "/root"}
+    res = env.netmirror(
+        "exec",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        "x1",
+        "--env-exclude",
+        "SECRET_*",
+        "--",
+        "sh",
+        "-c",
+        script,
+        env=run_env,
+        timeout=90,
+    )
+    assert res.returncode == 3, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines == [
+        "orders from the db",
+        "orders from the db",
+        "orders from the db",
+        "from this machine",
+        # APP_MODE from the pod; SECRET_TOKEN excluded; HOME is local by default.
+        "mode=staging secret=unset home=/root",
+    ], res.stderr
+    assert "running sh -c" in res.stderr
+    _assert_clean(env, "x1")
+
+
+def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
+    marker = f"netmirror-exec-bg-{os.getpid()}-{time.monotonic_ns()}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "netmirror",
+            "exec",
+            "--target",
+            env.sandbox.target,
+            "--session",
+            "x2",
+            "--",
+            "sh",
+            "-c",
+            # A background child that would outlive the command, then wait.
+            f"sh -c 'exec -a {marker} sleep 300' & echo started; sleep 300",
+        ],
+        env=env.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "started"
+        assert _our_cgroups("x2"), "the command is not in its cgroup"
+        assert _host_outgoing_rules() != ""
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    # sh dies of the forwarded SIGINT: 128 + 2, as a shell would report it.
+    assert code == 130, proc.stderr.read() if proc.stderr else ""
+    leftover = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
+    assert leftover.stdout == "", "the command's background child survived"
+    _assert_clean(env, "x2")
+
+
+def test_killed_exec_is_cleaned_up_by_its_daemon(env: Env, private: Private) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "netmirror",
+            "exec",
+            "--target",
+            env.sandbox.target,
+            "--session",
+            "x3",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 300",
+        ],
+        env=env.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "started"
+    proc.kill()  # no chance to clean up: the daemon notices its owner is gone
+    proc.wait()
+    _assert_clean(env, "x3")
+    deadline = time.monotonic() + 15
+    while env.our_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert env.our_processes() == []
+
+
+def test_missing_command_is_one_line_and_127(env: Env, private: Private) -> None:
+    res = _exec(env, "--", "no-such-command-here")
+    assert res.returncode == 127
+    assert (
+        res.stderr.strip().splitlines()[-1] == "netmirror: command not found: no-such-command-here"
+    )
+    _assert_clean(env, "x1")
