@@ -31,3 +31,5 @@ def setup(*, session: str, role: str, stream: TextIO | None = None, debug: bool 
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     # aiohttp logs every access at INFO; the tunnel is one long request.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # pyroute2 dumps every netlink message at DEBUG: far too much for --debug.
+    logging.getLogger("pyroute2").setLevel(logging.INFO)
