@@ -174,7 +174,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     from netmirror.environment import merge_environment
-    from netmirror.outgoing import Cgroup
+    from netmirror.outgoing import Cgroup, cgroup2_root
 
     command = list(args.argv)
     if command and command[0] == "--":
@@ -191,6 +191,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         overrides["env_override"] = dict(_key_value(item) for item in args.env_set)
     if args.no_outgoing:
         overrides["outgoing"] = False
+    if args.outgoing_method:
+        overrides["outgoing_method"] = args.outgoing_method
     config = _config(args, **overrides)
     owner = {"owner_pid": os.getpid(), "owner_start": pid_start(os.getpid()) or 0}
     sdir = _new_session(config, extra={"exec": owner})
@@ -207,10 +209,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
                 f"{info.get('env_error', 'the target sent none')}"
             )
         cgroup_path = info.get("cgroup")
+        if info.get("proxy_env"):
+            # No transparent redirection here: programs that honour proxy variables.
+            env.update(info["proxy_env"])
         _say_exec(sdir.name, outcome, command, env_pid=info.get("env_pid"))
         return _run_command(command, env, Path(cgroup_path) if cgroup_path else None)
     finally:
-        cgroup = Cgroup.for_session(sdir.name) if config.outgoing.enabled else None
+        cgroup = Cgroup.for_session(sdir.name) if cgroup2_root() is not None else None
         if cgroup is not None:
             # Background processes the command left behind go with it.
             cgroup.kill_all()
@@ -229,6 +234,8 @@ def _say_exec(session: str, outcome: dict[str, Any], command: list[str], env_pid
     parts = [f"{p['mode']} {p['remote']} -> {p['local']}" for p in status.get("ports", [])]
     if outcome.get("exec", {}).get("cgroup"):
         parts.append("outgoing TCP and DNS through the target")
+    elif outcome.get("exec", {}).get("proxy_env"):
+        parts.append("outgoing through the target for programs that use ALL_PROXY/HTTP_PROXY")
     if env_pid:
         parts.append(f"environment of its process {env_pid}")
     where = status.get("target")
@@ -711,6 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="CIDR",
         help="connections to this network stay local (repeatable; loopback always does)",
+    )
+    run.add_argument(
+        "--outgoing-method",
+        choices=["auto", "transparent", "proxy"],
+        help="transparent: iptables rules for the command's cgroup (root, cgroup v2); "
+        "proxy: ALL_PROXY/HTTP(S)_PROXY variables; auto (default): transparent if possible",
     )
     run.add_argument(
         "--no-outgoing",

@@ -449,6 +449,14 @@ class OutgoingConfig(BaseModel):
         description="Resolve host names with the target's resolver (its /etc/resolv.conf "
         "and search domains), so cluster-internal names work.",
     )
+    method: Literal["auto", "transparent", "proxy"] = Field(
+        default="auto",
+        description="'transparent' redirects the command's TCP and DNS with iptables rules "
+        "that match only its cgroup (needs root and cgroup v2); 'proxy' sets ALL_PROXY, "
+        "HTTP_PROXY and HTTPS_PROXY to a SOCKS5/HTTP proxy of netmirror instead (only "
+        "programs that honour them; names in proxied requests are resolved by the "
+        "target); 'auto' is transparent where possible, else proxy.",
+    )
 
     def matches(self, address: str) -> bool:
         """Whether a connection to ``address`` goes through the target.
@@ -896,6 +904,8 @@ class Overrides:
     outgoing: bool | None = None
     """Sets ``outgoing.enabled``."""
     outgoing_exclude: Sequence[str] = ()
+    outgoing_method: str | None = None
+    """Sets ``outgoing.method``."""
     """Networks appended to ``outgoing.exclude``."""
 
 
@@ -1002,6 +1012,8 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
     if flags.outgoing is not None:
         put(("outgoing", "enabled"), flags.outgoing, "outgoing.enabled")
     add_items(("outgoing", "exclude"), flags.outgoing_exclude, replace=False)
+    if flags.outgoing_method is not None:
+        put(("outgoing", "method"), flags.outgoing_method, "outgoing.method")
 
     def locate(loc: tuple[int | str, ...]) -> tuple[str | None, tuple[int | str, ...]]:
         # The most specific recorded origin wins; a variable or flag sets exactly
@@ -1132,5 +1144,7 @@ def dump_example() -> str:
         "    - 192.168.0.0/16",
         *_comment(OutgoingConfig, "dns", "  "),
         f"  dns: {_scalar(outgoing.dns)}",
+        *_comment(OutgoingConfig, "method", "  "),
+        f"  method: {_scalar(outgoing.method)}",
     ]
     return "\n".join(lines) + "\n"

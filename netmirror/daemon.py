@@ -233,7 +233,7 @@ class Daemon:
         except (NetmirrorError, TimeoutError) as exc:
             result["env_error"] = str(exc) or "no answer"
         if self.config.outgoing.enabled:
-            self.progress.step("redirecting the command's outgoing TCP and DNS to the target")
+            self.progress.step("sending the command's outgoing traffic through the target")
             self.outgoing = Outgoing(
                 self.record.name,
                 self.config.outgoing,
@@ -242,7 +242,10 @@ class Daemon:
                 spawn=lambda coro: self.tasks.spawn(coro, name="dns"),
             )
             await self.outgoing.start()
-            result["cgroup"] = str(self.outgoing.cgroup.path)
+            if self.outgoing.cgroup is not None:
+                result["cgroup"] = str(self.outgoing.cgroup.path)
+            else:
+                result["proxy_env"] = self.outgoing.proxy_env
         return result
 
     async def _watch_owner(self, pid: int, start: int) -> None:

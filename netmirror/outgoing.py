@@ -134,16 +134,24 @@ class OutgoingBridge(StreamBridge):
         self._tunnel_of = tunnel_of
         self._refused = False
         self._stats = stats
+        self._greeting: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
-        tunnel = self._tunnel_of()
         dst = original_destination(transport.get_extra_info("socket"))
-        if tunnel is None or dst is None:
-            # No agent right now (the tunnel is reconnecting), or not redirected.
+        if dst is None:
+            self._refused = True  # not redirected: someone connected to us directly
+            abort_with_reset(transport)
+            return
+        self._open(transport, dst)
+
+    def _open(self, transport: asyncio.Transport, dst: tuple[str, int]) -> None:
+        """Open the stream the agent connects to ``dst``."""
+        tunnel = self._tunnel_of()
+        if tunnel is None:
+            # No agent right now (the tunnel is reconnecting).
             self._refused = True
-            if tunnel is None:
-                self._stats.error("no tunnel to the agent: connection reset")
+            self._stats.error("no tunnel to the agent: connection reset")
             abort_with_reset(transport)
             return
         super().__init__(tunnel, self._stats, inbound=False)
@@ -173,6 +181,144 @@ class OutgoingBridge(StreamBridge):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._refused:
+            super().connection_lost(exc)
+
+
+# --- proxy (where transparent redirection is impossible) ----------------------------
+
+#: Largest proxy greeting (SOCKS request or HTTP request head) buffered.
+MAX_GREETING = 16 * 1024
+
+
+def parse_greeting(buf: bytes) -> tuple[tuple[str, int], bytes, bytes] | str | None:
+    """Where a proxy client wants to go. Pure.
+
+    Returns ``((host, port), reply, rest)``: the destination, what to answer the
+    client at once, and the bytes that already belong to the connection; ``None``
+    while more bytes are needed; a string for an error (the connection is closed).
+    SOCKS5 (``CONNECT`` with no authentication; host names are resolved by the
+    target: ``socks5h``) and HTTP proxy requests (``CONNECT host:port``, and
+    ``GET http://host/...``, which is forwarded as it is: servers accept the
+    absolute form) are understood.
+    """
+    if not buf:
+        return None
+    if buf[0] == 5:
+        return _socks5(buf)
+    head_end = buf.find(b"\r\n\r\n")
+    if head_end < 0:
+        return "proxy request head too large" if len(buf) > MAX_GREETING else None
+    line = buf[: buf.find(b"\r\n")].decode("latin-1")
+    parts = line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+        return "not a SOCKS5 or HTTP proxy request"
+    method, target, _ = parts
+    if method == "CONNECT":
+        host, port = _host_port(target, 443)
+        if host is None:
+            return f"bad CONNECT target {target[:100]!r}"
+        reply = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        return (host, port), reply, buf[head_end + 4 :]
+    if target.startswith("http://"):
+        authority = target[len("http://") :].split("/", 1)[0]
+        host, port = _host_port(authority, 80)
+        if host is None:
+            return f"bad proxy URL {target[:100]!r}"
+        return (host, port), b"", buf
+    return f"{method} {target[:100]!r} is not a proxy request"
+
+
+def _host_port(authority: str, default: int) -> tuple[str | None, int]:
+    authority = authority.rsplit("@", 1)[-1]
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif authority.count(":") == 1:
+        host, port_text = authority.split(":")
+    else:
+        host, port_text = authority, ""
+    if not host:
+        return None, 0
+    if not port_text:
+        return host, default
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None, 0
+    return host, int(port_text)
+
+
+def _socks5(buf: bytes) -> tuple[tuple[str, int], bytes, bytes] | str | None:
+    if len(buf) < 2:
+        return None
+    methods_end = 2 + buf[1]
+    if len(buf) < methods_end:
+        return None
+    if 0 not in buf[2:methods_end]:
+        return "SOCKS5 client offers no method without authentication"
+    req = buf[methods_end:]
+    if len(req) < 5:
+        return None
+    if req[0] != 5 or req[1] != 1:
+        return "only SOCKS5 CONNECT is supported"
+    atyp = req[3]
+    if atyp == 1:
+        end = 4 + 4
+        host = socket.inet_ntop(socket.AF_INET, req[4:end]) if len(req) >= end else ""
+    elif atyp == 4:
+        end = 4 + 16
+        host = socket.inet_ntop(socket.AF_INET6, req[4:end]) if len(req) >= end else ""
+    elif atyp == 3:
+        end = 5 + req[4]
+        host = req[5:end].decode("ascii", "replace") if len(req) >= end else ""
+    else:
+        return f"unknown SOCKS5 address type {atyp}"
+    if len(req) < end + 2:
+        return None
+    port = int.from_bytes(req[end : end + 2], "big")
+    # Method choice and success at once: the client waits for both before sending.
+    reply = b"\x05\x00" + b"\x05\x00\x00\x01" + bytes(6)
+    return (host, port), reply, req[end + 2 :]
+
+
+class ProxyBridge(OutgoingBridge):
+    """A proxy client's connection: its destination comes from its first bytes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._greeting = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self._greeting is None:
+            super().data_received(data)
+            return
+        self._greeting += data
+        parsed = parse_greeting(self._greeting)
+        if parsed is None:
+            if len(self._greeting) > MAX_GREETING:
+                parsed = "proxy greeting too large"
+            else:
+                return
+        if isinstance(parsed, str):
+            log.info("proxy client refused: %s", parsed)
+            self._refused = True
+            self._greeting = None
+            self._stats.error(parsed)
+            self._transport.close()
+            return
+        dst, reply, rest = parsed
+        self._greeting = None
+        if reply:
+            self._transport.write(reply)
+        self._open(self._transport, dst)
+        if rest and not self._refused:
+            super().data_received(rest)
+
+    def eof_received(self) -> bool:
+        if self._greeting is not None:
+            return False
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._greeting is None:
             super().connection_lost(exc)
 
 
@@ -244,15 +390,24 @@ class Outgoing:
         self._tunnel_of = tunnel_of
         self._ask = ask
         self._spawn = spawn
-        self.cgroup = Cgroup.for_session(session)
+        self.method = config.method
+        if self.method == "auto":
+            transparent = os.geteuid() == 0 and cgroup2_root() is not None
+            self.method = "transparent" if transparent else "proxy"
+        self.cgroup: Cgroup | None = None
+        self.proxy_env: dict[str, str] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._dns: list[tuple[asyncio.DatagramTransport, DnsServer]] = []
         self._firewall: OutgoingNat | None = None
         self._guard: Guard | None = None
 
     async def start(self) -> None:
-        """Create the cgroup, listen, install the rules (with their guard)."""
+        """Transparent: the cgroup, listeners, rules and guard. Proxy: one listener."""
+        if self.method == "proxy":
+            await self._start_proxy()
+            return
         loop = asyncio.get_running_loop()
+        self.cgroup = Cgroup.for_session(self.session)
         self.cgroup.create()
         tcp_port = 0
         dns_port = 0
@@ -278,6 +433,27 @@ class Outgoing:
         )
         await asyncio.to_thread(self._install, rules)
 
+    async def _start_proxy(self) -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: ProxyBridge(self._tunnel_of, self.stats), "127.0.0.1", 0, backlog=1024
+        )
+        self._servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        # socks5h: names are resolved at the proxy's end, i.e. by the target.
+        socks = f"socks5h://127.0.0.1:{port}"
+        http = f"http://127.0.0.1:{port}"
+        no_proxy = ",".join(["localhost", "127.0.0.1", "::1", *self.config.exclude])
+        for name, value in (
+            ("ALL_PROXY", socks),
+            ("HTTP_PROXY", http),
+            ("HTTPS_PROXY", http),
+            ("NO_PROXY", no_proxy),
+        ):
+            self.proxy_env[name] = value
+            self.proxy_env[name.lower()] = value
+        log.info("outgoing through the proxy on 127.0.0.1:%d (%s)", port, socks)
+
     def _install(self, rules: OutgoingRules) -> None:
         backend = detect_backend()
         firewall = OutgoingNat(self.session, backend=backend, cgroup=rules.cgroup)
@@ -286,15 +462,16 @@ class Outgoing:
         self._firewall = firewall
         firewall.apply(firewall.plan_for(rules))
         log.info(
-            "outgoing TCP of %s -> 127.0.0.1:%d, DNS -> %s",
-            self.cgroup.path,
+            "outgoing TCP of cgroup %s -> 127.0.0.1:%d, DNS -> %s",
+            rules.cgroup,
             rules.tcp_port,
             rules.dns_port or "unchanged",
         )
 
     def status(self) -> dict[str, Any]:
         return {
-            "cgroup": str(self.cgroup.path),
+            "method": self.method,
+            "cgroup": str(self.cgroup.path) if self.cgroup is not None else None,
             **self.stats.as_dict(),
             "dns_queries": sum(p.queries for _, p in self._dns),
             "dns_failures": sum(p.failures for _, p in self._dns),
@@ -313,7 +490,8 @@ class Outgoing:
             server.close()
         for transport, _ in self._dns:
             transport.close()
-        await asyncio.to_thread(self.cgroup.remove)
+        if self.cgroup is not None:
+            await asyncio.to_thread(self.cgroup.remove)
 
 
 def _has_ipv6_loopback() -> bool:

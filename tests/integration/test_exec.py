@@ -270,3 +270,32 @@ def test_missing_command_is_one_line_and_127(env: Env, private: Private) -> None
         res.stderr.strip().splitlines()[-1] == "netmirror: command not found: no-such-command-here"
     )
     _assert_clean(env, "x1")
+
+
+def test_proxy_method_for_programs_that_honour_proxy_variables(env: Env, private: Private) -> None:
+    # Where the transparent method is impossible (no root, no cgroup v2), the
+    # command gets ALL_PROXY (SOCKS5, names resolved by the target) and HTTP_PROXY.
+    script = (
+        f"curl -sS -m 5 http://orders-db.internal:{private.http_port}/; "
+        f'{sys.executable} -c "$CLIENT" http://orders:{private.http_port}/; '
+        'echo "$ALL_PROXY" | cut -d: -f1'
+    )
+    res = env.netmirror(
+        "exec",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        "x4",
+        "--outgoing-method",
+        "proxy",
+        "--",
+        "sh",
+        "-c",
+        script,
+        env=env.env | {"CLIENT": CLIENT},
+        timeout=90,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == ["orders from the db", "orders from the db", "socks5h"]
+    assert "ALL_PROXY/HTTP_PROXY" in res.stderr
+    _assert_clean(env, "x4")
