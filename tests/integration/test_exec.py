@@ -192,6 +192,10 @@ def test_command_reaches_the_targets_services_by_its_names(env: Env, private: Pr
 
 
 def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
+    # While the command runs, a port of the pod is stolen for this machine too.
+    env.server("http", 8080, in_pod=True, text="the pod\n")
+    local = free_port()
+    env.server("http", local, in_pod=False, text="stolen for the command\n")
     marker = f"netmirror-exec-bg-{os.getpid()}-{time.monotonic_ns()}"
     proc = subprocess.Popen(
         [
@@ -203,6 +207,8 @@ def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
             env.sandbox.target,
             "--session",
             "x2",
+            "--steal",
+            f"8080:{local}",
             "--",
             "sh",
             "-c",
@@ -219,6 +225,9 @@ def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
         assert proc.stdout.readline().strip() == "started"
         assert _our_cgroups("x2"), "the command is not in its cgroup"
         assert _host_outgoing_rules() != ""
+        url = f"http://{env.sandbox.pod_ip}:8080/"
+        got = subprocess.run(["curl", "-sS", "-m", "5", url], capture_output=True, text=True)
+        assert got.stdout == "stolen for the command\n"
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     finally:
@@ -229,6 +238,8 @@ def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
     leftover = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
     assert leftover.stdout == "", "the command's background child survived"
     _assert_clean(env, "x2")
+    got = subprocess.run(["curl", "-sS", "-m", "5", url], capture_output=True, text=True)
+    assert got.stdout == "the pod\n"
 
 
 def test_killed_exec_is_cleaned_up_by_its_daemon(env: Env, private: Private) -> None:
