@@ -179,23 +179,6 @@ def nofile_limit(pid: int) -> str | None:
     return None
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of a process (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name is in parentheses and may hold spaces: split after it.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 class Processes:
     """Processes a benchmark started, each in a session of its own, all stopped at the end.
 

@@ -51,7 +51,6 @@ from typing import Any
 from benchmarks.common import (
     RESULTS,
     Processes,
-    children,
     free_port,
     iperf_json,
     machine,
@@ -61,6 +60,7 @@ from benchmarks.common import (
     rss_bytes,
 )
 from netmirror.sandbox import Sandbox
+from netmirror.target_info import children
 
 PATHS = ("direct", "relay", "netmirror")
 SESSION = "suite"

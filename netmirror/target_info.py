@@ -31,10 +31,9 @@ def _net_inode(pid: int | str, proc: Path) -> int | None:
         return None
 
 
-def _ancestry_excluded(proc: Path) -> set[int]:
-    """This process and its children (the guard): never the target."""
-    me = os.getpid()
-    excluded = {me}
+def children(pid: int, proc: Path = Path("/proc")) -> list[int]:
+    """Direct children of a process."""
+    found = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
@@ -44,9 +43,9 @@ def _ancestry_excluded(proc: Path) -> set[int]:
             continue
         # The command may hold spaces and parentheses: the ppid follows the last ')'.
         fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and fields[1] == str(me):
-            excluded.add(int(entry.name))
-    return excluded
+        if len(fields) > 1 and fields[1] == str(pid):
+            found.append(int(entry.name))
+    return found
 
 
 def find_target_pid(proc: Path = Path("/proc")) -> int | None:
@@ -54,7 +53,8 @@ def find_target_pid(proc: Path = Path("/proc")) -> int | None:
     mine = _net_inode("self", proc)
     if mine is None:
         return None
-    excluded = _ancestry_excluded(proc)
+    # This process and its children (the guard) are never the target.
+    excluded = {os.getpid(), *children(os.getpid(), proc)}
     pids = sorted(int(e.name) for e in proc.iterdir() if e.name.isdigit())
     for pid in pids:
         if pid not in excluded and _net_inode(pid, proc) == mine:
