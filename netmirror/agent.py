@@ -42,6 +42,9 @@ from netmirror.firewall import (
     list_sessions,
     session_alive,
 )
+from netmirror.http.filters import HttpFilter
+from netmirror.http.router import router_session
+from netmirror.http.share import HttpShare
 from netmirror.mirror import CaptureMirror, MirrorCounters, PassthroughBridge
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
@@ -104,6 +107,8 @@ class Subscription:
     to_ports: dict[int, int] = field(default_factory=dict)
     stats: PortStats = field(default_factory=PortStats)
     counters: MirrorCounters = field(default_factory=MirrorCounters)
+    http: HttpShare | None = None
+    """For a steal of only the HTTP requests that match a filter."""
 
     def redirects(self) -> list[Redirect]:
         return [Redirect(self.port, to_port, family) for family, to_port in self.to_ports.items()]
@@ -111,14 +116,22 @@ class Subscription:
     def close(self) -> None:
         for server in self.servers.values():
             server.close()
+        if self.http is not None:
+            share, self.http = self.http, None
+            asyncio.get_running_loop().create_task(share.close())
 
 
 class InboundBridge(StreamBridge):
-    """A connection the REDIRECT rule sent to us: becomes a stream to the daemon."""
+    """A connection the REDIRECT rule sent to us: becomes a stream to the daemon.
 
-    def __init__(self, agent: Agent, sub: Subscription) -> None:
+    ``dst`` is given for connections the HTTP router hands over (on a unix socket,
+    where there is no original destination to read).
+    """
+
+    def __init__(self, agent: Agent, sub: Subscription, dst: tuple[str, int] | None = None) -> None:
         self.agent = agent
         self.sub = sub
+        self.dst = dst
         self._refused = False
         tunnel = agent.tunnel
         if tunnel is None:
@@ -129,6 +142,12 @@ class InboundBridge(StreamBridge):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         tunnel = self.agent.tunnel
+        if (self._refused or tunnel is None or tunnel is not self.tunnel) and self.dst:
+            # A request from the HTTP router while no daemon is here: refuse it
+            # before reading; the router gives it to the original server.
+            self._refused = True
+            transport.abort()
+            return
         if self._refused or tunnel is None or tunnel is not self.tunnel:
             # No daemon (it crashed, or the tunnel is reconnecting): rather than
             # reset the client, let the target's own server answer it.
@@ -138,13 +157,15 @@ class InboundBridge(StreamBridge):
             relay.connection_made(transport)
             return
         sock = transport.get_extra_info("socket")
-        dst = original_destination(sock)
+        dst = self.dst or original_destination(sock)
         if dst is None:
             # Not redirected: someone connected to our listening port directly.
             self._refused = True
             abort_with_reset(transport)
             return
         peer = transport.get_extra_info("peername") or ("", 0)
+        if not isinstance(peer, tuple):
+            peer = ("http-router", 0)  # a unix socket's peer has no address
         try:
             self.stream_id = tunnel.conn.open_stream(
                 port=self.sub.port, original_dst=dst, client=(str(peer[0]), int(peer[1]))
@@ -423,12 +444,21 @@ class Agent:
             async with self._fw_lock:
                 # Checked under the lock: two tunnels may ask for the same port.
                 held = self.subs.get(req.port)
+                filtered = req.options.get("http_filter") is not None
                 if held is not None:
-                    same = held.mode == req.mode and held.method == method
+                    same = (
+                        held.mode == req.mode
+                        and held.method == method
+                        and (held.http is not None) == filtered
+                    )
                     error = "" if same else f"port {req.port} is already taken in {held.mode} mode"
                     self._answer(tunnel, req.request_id, req.port, ok=same, error=error)
                     return
-                if method == "capture":
+                http_filter = req.options.get("http_filter")
+                if req.mode == "steal" and http_filter is not None:
+                    sub = await self._share(req.port, http_filter)
+                    self.subs[req.port] = sub
+                elif method == "capture":
                     sub = Subscription(req.port, req.mode, method)
                     self.subs[req.port] = sub
                     try:
@@ -451,7 +481,9 @@ class Agent:
             log.warning("cannot take port %d: %s", req.port, exc)
             self._answer(tunnel, req.request_id, req.port, ok=False, error=str(exc))
             return
-        if method:
+        if sub.http is not None:
+            log.info("stealing the HTTP requests of port %d that match its filter", req.port)
+        elif method:
             log.info("mirroring port %d by %s", req.port, method)
         else:
             log.info("stealing port %d (redirected to %s)", req.port, sub.to_ports)
@@ -472,7 +504,11 @@ class Agent:
     async def _unsubscribe(self, tunnel: Tunnel, req: ev.UnsubscribeRequested) -> None:
         async with self._fw_lock:
             sub = self.subs.pop(req.port, None)
-            if sub is not None and sub.method == "capture":
+            if sub is not None and sub.http is not None:
+                share, sub.http = sub.http, None
+                await share.close()
+                log.info("stopped stealing HTTP requests of port %d", req.port)
+            elif sub is not None and sub.method == "capture":
                 if self.capture is not None:
                     self.capture.remove(req.port)
                 log.info("stopped mirroring port %d", req.port)
@@ -486,10 +522,45 @@ class Agent:
                 log.info("released port %d", req.port)
         self._answer(tunnel, req.request_id, req.port, ok=True)
 
-    def _check_port_free(self, port: int) -> None:
+    def _check_port_free(self, port: int, *, filtered: bool = False) -> None:
         for other, ports in list_sessions(self.backend).items():
-            if other != self.session and port in ports and session_alive(other):
-                raise PortInUseError(f"port {port} is already stolen by session {other!r}")
+            if other == self.session or port not in ports or not session_alive(other):
+                continue
+            if other == router_session(port):
+                if filtered:
+                    continue  # the router of the port: filtered sessions share it
+                raise PortInUseError(
+                    f"port {port} is shared by sessions that steal only some HTTP requests; "
+                    "a whole-port steal would take theirs too (steal with an HTTP filter)"
+                )
+            if filtered:
+                raise PortInUseError(
+                    f"port {port} is stolen whole by session {other!r}; "
+                    "an HTTP-filtered steal cannot share it"
+                )
+            raise PortInUseError(f"port {port} is already stolen by session {other!r}")
+
+    async def _share(self, port: int, filter_json: Any) -> Subscription:
+        """Steal the requests of ``port`` that match a filter, through the port's router."""
+        try:
+            HttpFilter.parse(filter_json)
+        except ValueError as exc:
+            raise AgentError(str(exc)) from None
+        await asyncio.to_thread(self._check_port_free, port, filtered=True)
+        sub = Subscription(port, "steal", "")
+        share = HttpShare(
+            port=port,
+            session=self.session,
+            filter_json=filter_json,
+            backend=self.backend,
+            factory=functools.partial(InboundBridge, self, sub, ("0.0.0.0", port)),
+        )
+        try:
+            await share.start()
+        except OSError as exc:
+            raise AgentError(f"cannot share port {port}: {exc}") from None
+        sub.http = share
+        return sub
 
     async def _listen(self, port: int, mode: str, method: str = "") -> Subscription:
         sub = Subscription(port, mode, method)
@@ -528,7 +599,12 @@ class Agent:
 
     def report(self) -> dict[str, Any]:
         """Counters only the agent knows, sent to the daemon as STATS."""
-        ports = {str(port): sub.counters.as_dict() for port, sub in self.subs.items() if sub.method}
+        ports: dict[str, Any] = {
+            str(port): sub.counters.as_dict() for port, sub in self.subs.items() if sub.method
+        }
+        for port, sub in self.subs.items():
+            if sub.http is not None:
+                ports[str(port)] = {"http": sub.http.stats()}
         capture = self.capture.stats() if self.capture is not None else None
         return {"ports": ports, "capture": capture}
 
@@ -544,7 +620,7 @@ class Agent:
             if (
                 tunnel is not None
                 and now - last_report >= 1.0
-                and any(sub.method for sub in self.subs.values())
+                and any(sub.method or sub.http for sub in self.subs.values())
             ):
                 last_report = now
                 tunnel.conn.report_stats(self.report())
@@ -594,6 +670,9 @@ class Agent:
             async with self._fw_lock:
                 await asyncio.to_thread(self.firewall.teardown)
                 for sub in self.subs.values():
+                    if sub.http is not None:
+                        share, sub.http = sub.http, None
+                        await share.close()
                     sub.close()
                 self.subs.clear()
             if self.capture is not None:

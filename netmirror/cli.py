@@ -139,6 +139,7 @@ def _config(args: argparse.Namespace, **more: Any) -> Config:
             namespace=args.namespace,
             context=args.context,
             agent_mode=args.agent_mode,
+            http_filter=_http_filter(args),
             **more,
         ),
     )
@@ -151,6 +152,22 @@ def _config(args: argparse.Namespace, **more: Any) -> Config:
     if not config.target:
         raise ConfigError("no target: pass --target KIND/NAME (e.g. netns/pod1) or set target:")
     return config
+
+
+def _http_filter(args: argparse.Namespace) -> dict[str, str] | None:
+    """The filter of --http-header/--http-path/--http-method, for the --steal ports."""
+    found = {
+        key: value
+        for key, value in (
+            ("header", args.http_header),
+            ("path", args.http_path),
+            ("method", args.http_method),
+        )
+        if value
+    }
+    if found and not args.steal:
+        raise ConfigError("--http-header/--http-path/--http-method apply to --steal ports")
+    return found or None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -293,8 +310,23 @@ def _new_session(config: Config, extra: dict[str, Any] | None = None) -> Session
     for sdir, record in live:
         if record.target != config.target:
             continue
-        theirs = {p["remote"] for p in record.config.get("ports", []) if p.get("mode") != "off"}
+        # Sessions that steal only filtered HTTP requests may share a port.
+        theirs = {
+            p["remote"]
+            for p in record.config.get("ports", [])
+            if p.get("mode") != "off" and not (p.get("http_filter") and p.get("mode") == "steal")
+        }
+        shared = {
+            p["remote"]
+            for p in record.config.get("ports", [])
+            if p.get("http_filter") and p.get("mode") == "steal"
+        }
         for port in config.active_ports():
+            if port.remote in shared and port.http_filter is None:
+                raise SessionError(
+                    f"port {port.remote} of {config.target} is shared by HTTP-filtered session "
+                    f"{sdir.name!r}; a whole-port steal would take its requests"
+                )
             if port.remote in theirs:
                 raise SessionError(
                     f"port {port.remote} of {config.target} is already taken by session "
@@ -507,6 +539,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"  {p['remote']:>6}  {p['mode']:<7} {p['local']:<22} {p['state']:<8} {conns:>11}"
                 f" {b_in:>10} {b_out:>10} {p.get('errors', 0):>6}"
             )
+            http = p.get("http")
+            if http:
+                print(
+                    f"          HTTP filter {http.get('filter')}: {http.get('matched', 0)} "
+                    f"requests matched, {http.get('passed', 0)} passed to the target "
+                    f"(place {http.get('order', '?')} of {len(http.get('sessions', [])) or '?'})"
+                )
             mirror = p.get("mirror")
             if mirror:
                 print(
@@ -666,6 +705,16 @@ def _session_args(parser: argparse.ArgumentParser) -> None:
         "the traffic path; passthrough: relayed through the agent)",
     )
     parser.add_argument("--pcap", metavar="FILE", help="save the mirrored ports' packets here")
+    parser.add_argument(
+        "--http-header",
+        metavar="REGEX",
+        help="steal only the HTTP requests with a header line matching REGEX "
+        "(e.g. '^x-dev: feature-42$'; names in lower case); others reach the target",
+    )
+    parser.add_argument(
+        "--http-path", metavar="REGEX", help="steal only requests whose path matches REGEX"
+    )
+    parser.add_argument("--http-method", metavar="METHOD", help="steal only this method")
     parser.add_argument("--session", "-s", help="session name (default: from the target)")
     parser.add_argument("--agent-image", help="agent container image (Kubernetes targets)")
     parser.add_argument(

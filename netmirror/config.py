@@ -36,8 +36,9 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
-from pydantic_core import ErrorDetails
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from netmirror.errors import ConfigError
 
@@ -255,6 +256,43 @@ class PortConfig(BaseModel):
         default_factory=MirrorConfig,
         description="How the port is copied when mode is 'mirror'.",
     )
+    http_filter: dict[str, Any] | None = Field(
+        default=None,
+        description="Steal only the HTTP requests that match, e.g. {header: '^x-dev: "
+        "feature-42$'}: 'header' (a regular expression searched in each 'name: value' "
+        "line, the name in lower case), 'path' (searched in the request target), "
+        "'method' (exact), 'any_of' and 'all_of' (lists of such filters); several keys "
+        "must all match. Other requests go to the target's own server. Several sessions "
+        "may filter the same port; a request goes to the first (in the order they came) "
+        "whose filter matches.",
+    )
+
+    @field_validator("http_filter")
+    @classmethod
+    def _check_http_filter(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from netmirror.http.filters import HttpFilter
+
+            try:
+                HttpFilter.parse(value, where=_HERE)
+            except ValueError as exc:
+                # "<here>.any_of[1].method: text": report it at that key, as the
+                # other errors of the file are.
+                where, _, text = str(exc).partition(": ")
+                raise PydanticCustomError(
+                    "http_filter", "{text}", {"text": text, "path": where[len(_HERE) :]}
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _filter_only_for_steal(self) -> PortConfig:
+        if self.http_filter is not None and self.mode != "steal":
+            raise PydanticCustomError(
+                "http_filter",
+                "{text}",
+                {"text": f"applies to mode steal, not {self.mode}", "path": "http_filter"},
+            )
+        return self
 
     @property
     def local_port(self) -> int:
@@ -613,6 +651,10 @@ def _show(value: object) -> str:
     return _one_line(_value_repr.repr(value))
 
 
+#: Stands for the http_filter key in messages of the filter parser, to be cut off.
+_HERE = "\x00"
+
+
 def _format_path(loc: Sequence[int | str]) -> str:
     out = ""
     for part in loc:
@@ -672,6 +714,12 @@ def _describe(error: ErrorDetails, title: str) -> tuple[tuple[int | str, ...], s
         # pydantic says "'steal', 'mirror' or 'off'"; we list them plainly.
         expected = str(ctx.get("expected", "")).replace("'", "").replace(" or ", ", ")
         return loc, f"{_show(value)} is not one of {expected}"
+    if kind == "http_filter":
+        sub = tuple(
+            int(index) if index else key
+            for key, index in re.findall(r"\.?([A-Za-z_]+)|\[(\d+)\]", str(ctx.get("path", "")))
+        )
+        return loc + sub, _one_line(str(ctx.get("text", "")))
     if kind in ("value_error", "assertion_error") and "error" in ctx:
         return loc, f"{_show(value)} {_one_line(str(ctx['error']))}"
     if kind in _BOUND_TEXTS:
@@ -887,6 +935,8 @@ class Overrides:
     """``REMOTE[:LOCAL]`` specs of ``--mirror`` flags."""
     agent_image: str | None = None
     mirror_method: str | None = None
+    http_filter: Mapping[str, Any] | None = None
+    """``--http-header``/``--http-path``/``--http-method``: for the ports of ``--steal``."""
     """``--mirror-method``: applies to the ports named by ``--mirror``."""
     pcap: str | None = None
     """``--pcap FILE``."""
@@ -985,6 +1035,12 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
                 index = index_of[remote]
                 ports[index]["mirror"] = {"method": flags.mirror_method}
                 origins[("ports", index, "mirror", "method")] = "--mirror-method"
+            if mode == "steal" and flags.http_filter is not None:
+                index = index_of[remote]
+                ports[index]["http_filter"] = dict(flags.http_filter)
+                origins[("ports", index, "http_filter")] = "--http-header/--http-path/--http-method"
+                for key in flags.http_filter:
+                    origins[("ports", index, "http_filter", key)] = f"--http-{key}"
 
     if flags.pcap is not None:
         pcap = data.get("pcap") or {}
@@ -1084,6 +1140,9 @@ def dump_example() -> str:
         "    local: 8080",
         *_comment(PortConfig, "local_host", "    "),
         "    local_host: 127.0.0.1",
+        *_comment(PortConfig, "http_filter", "    "),
+        "    # http_filter:",
+        '    #   header: "^x-dev: feature-42$"',
         "  - remote: 9090",
         "    mode: mirror",
         *_comment(PortConfig, "mirror", "    "),

@@ -24,6 +24,7 @@ import aiohttp
 from netmirror import __version__
 from netmirror.config import Config, PortConfig
 from netmirror.errors import AgentError, NetmirrorError, ProtocolError
+from netmirror.http.filters import describe_filter
 from netmirror.outgoing import Outgoing
 from netmirror.pcapfile import PcapSink, PcapWriter
 from netmirror.protocol import Connection, Limits, Role
@@ -306,6 +307,8 @@ class Daemon:
             options: dict[str, Any] = {}
             if port.mode == "mirror":
                 options = {"method": port.mirror.method, "pcap": self.pcap is not None}
+            elif port.http_filter is not None:
+                options = {"http_filter": port.http_filter}
             request_id = tunnel.conn.subscribe(remote, port.mode, options)
             future: asyncio.Future[ev.SubscriptionAnswered] = loop.create_future()
             self._answers[request_id] = future
@@ -363,6 +366,12 @@ class Daemon:
             }
             if port.remote in self.stats:
                 entry.update(self.stats[port.remote].as_dict())
+            if port.http_filter is not None:
+                shared = self.agent_stats.get("ports", {}).get(str(port.remote), {})
+                entry["http"] = {
+                    "filter": describe_filter(port.http_filter),
+                    **shared.get("http", {}),
+                }
             if port.mode == "mirror":
                 entry["method"] = port.mirror.method
                 entry["mirror"] = self.agent_stats.get("ports", {}).get(str(port.remote), {})

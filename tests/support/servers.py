@@ -135,9 +135,47 @@ class DnsZone(asyncio.DatagramProtocol):
         self.transport.sendto(response.to_wire(), addr)
 
 
+async def web_app(host: str, port: int, tag: str) -> None:
+    """A real HTTP/1.1 server (aiohttp): keep-alive, chunked, 100-continue, WebSocket.
+
+    Every answer names the server (``tag``), so a test sees who answered.
+    """
+    from aiohttp import WSMsgType, web
+
+    async def any_request(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.path == "/chunked":
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for part in (tag, " chunked", "\n"):
+                await response.write(part.encode())
+            await response.write_eof()
+            return response
+        text = f"{tag} {request.method} {request.path_qs} {len(body)}\n"
+        return web.Response(text=text)
+
+    async def websocket(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                await ws.send_str(f"{tag}: {msg.data}")
+        return ws
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/ws", websocket)
+    app.router.add_route("*", "/{tail:.*}", any_request)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, reuse_address=True).start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["sha", "http", "echo", "sink", "stall", "dns"])
+    parser.add_argument("kind", choices=["sha", "http", "echo", "sink", "stall", "dns", "web"])
     parser.add_argument("--log", default="")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="::")
@@ -160,6 +198,9 @@ async def main() -> None:
     elif args.kind == "sink":
         log_path = args.log
         handler = lambda r, w: sink_handler(r, w, log_path)  # noqa: E731
+    elif args.kind == "web":
+        await web_app(args.host, args.port, args.tag)
+        return
     elif args.kind == "dns":
         records = dict(item.split("=", 1) for item in args.text.split(","))
         loop = asyncio.get_running_loop()

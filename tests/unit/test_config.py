@@ -112,7 +112,8 @@ def test_config_error_is_a_netmirror_error() -> None:
         ),
         (
             {"ports": [{"remote": 80, "lcoal": 3000}]},
-            "ports[0].lcoal: unknown key (expected one of remote, mode, local, local_host, mirror)",
+            "ports[0].lcoal: unknown key "
+            "(expected one of remote, mode, local, local_host, mirror, http_filter)",
         ),
         ({"ports": [{"mode": "steal"}]}, "ports[0]: missing key 'remote'"),
         ({"agent": {"ttl": "abc"}}, "agent.ttl: 'abc' is not a number"),
@@ -182,7 +183,7 @@ def test_config_error_is_a_netmirror_error() -> None:
         (
             {"ports": [{"remote": 80, "odd key\n": 1}]},
             "ports[0]['odd key\\n']: unknown key "
-            "(expected one of remote, mode, local, local_host, mirror)",
+            "(expected one of remote, mode, local, local_host, mirror, http_filter)",
         ),
     ],
 )
@@ -205,7 +206,8 @@ def test_format_validation_error_works_on_a_single_model() -> None:
     with pytest.raises(ValidationError) as caught:
         PortConfig.model_validate({"remote": 80, "lcoal": 1})
     assert format_validation_error(caught.value, source="x") == (
-        "x: lcoal: unknown key (expected one of remote, mode, local, local_host, mirror)"
+        "x: lcoal: unknown key "
+        "(expected one of remote, mode, local, local_host, mirror, http_filter)"
     )
 
 
@@ -910,7 +912,14 @@ def test_json_schema() -> None:
         "outgoing",
     ]
     port = schema["$defs"]["PortConfig"]
-    assert list(port["properties"]) == ["remote", "mode", "local", "local_host", "mirror"]
+    assert list(port["properties"]) == [
+        "remote",
+        "mode",
+        "local",
+        "local_host",
+        "mirror",
+        "http_filter",
+    ]
     assert port["required"] == ["remote"]
     assert port["properties"]["remote"]["minimum"] == 1
     assert port["properties"]["remote"]["maximum"] == 65535
@@ -1067,3 +1076,49 @@ def test_random_documents_give_config_error_or_config(
     text = yaml.safe_dump({"ports": document} if isinstance(document, list) else document)
     flags = Overrides(steal=steal, mirror=mirror)
     assert_config_error_or_success(fuzz_dir / "config.yaml", text, env, flags)
+
+
+# ------------------------------------------------------------------ http filters
+
+
+@pytest.mark.parametrize(
+    ("port", "message"),
+    [
+        (
+            {"remote": 80, "http_filter": {"header": "x-dev: ("}},
+            "ports[0].http_filter.header: 'x-dev: (' is not a valid regular expression "
+            "(missing ), unterminated subpattern at position 7)",
+        ),
+        (
+            {"remote": 80, "http_filter": {"any_of": [{"path": "/"}, {"method": 5}]}},
+            "ports[0].http_filter.any_of[1].method: must be a string",
+        ),
+        (
+            {"remote": 80, "http_filter": {"heder": "x"}},
+            "ports[0].http_filter: unknown key 'heder' "
+            "(expected one of header, path, method, any_of, all_of)",
+        ),
+        (
+            {"remote": 80, "http_filter": {}},
+            "ports[0].http_filter: empty filter (give header, path, method, any_of or all_of)",
+        ),
+        (
+            {"remote": 80, "mode": "mirror", "http_filter": {"path": "^/"}},
+            "ports[0].http_filter: applies to mode steal, not mirror",
+        ),
+    ],
+)
+def test_http_filter_errors_name_the_key(port: dict[str, Any], message: str) -> None:
+    assert config_error({"ports": [port]}) == message
+
+
+def test_http_filter_flags_apply_to_steal_ports() -> None:
+    config = build_config(
+        file=None,
+        env={},
+        flags=Overrides(steal=("80:3000",), http_filter={"header": "^x-dev: a$"}),
+    )
+    assert config.ports[0].http_filter == {"header": "^x-dev: a$"}
+    with pytest.raises(ConfigError) as err:
+        build_config(file=None, env={}, flags=Overrides(steal=("80",), http_filter={"path": "("}))
+    assert str(err.value).startswith("--http-path: '(' is not a valid regular expression")

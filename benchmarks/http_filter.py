@@ -1,0 +1,169 @@
+"""HTTP-filtered steal: what the requests that are *not* stolen pay for the filter.
+
+Run with ``make bench`` (root; wrk and nginx come from Debian). nginx serves a
+1 KiB page in a sandbox pod; wrk (keep-alive, 50 connections) asks for it from
+the host. In the same run, alternating so drift hits all alike:
+
+- **direct**: no netmirror;
+- **passthrough**: a session steals port 80 only for requests with a header that
+  wrk never sends: every request goes through the port's HTTP router to nginx
+  (what the rest of the team pays while one developer filters);
+- **stolen**: wrk sends the header: every request goes to nginx on this machine,
+  through the router, the agent and the tunnel.
+
+Results: ``benchmarks/results/http_filter.json`` and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import RESULTS, machine, netmirror
+from netmirror.sandbox import Sandbox
+
+POD_PORT = 80
+LOCAL_PORT = 18080
+SESSION = "benchhttp"
+HERE = Path(__file__).resolve().parent
+
+
+def nginx_conf(root: Path, listen: str) -> Path:
+    (root / "www").mkdir(parents=True, exist_ok=True)
+    (root / "www" / "index.html").write_text("netmirror benchmark " * 51 + "\n")  # 1 KiB
+    for path in (root.parent, root, root / "www"):
+        path.chmod(0o755)
+    (root / "www" / "index.html").chmod(0o644)
+    temp = "\n".join(
+        f"  {kind}_temp_path {root}/tmp-{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+daemon off;
+master_process on;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+{temp}
+  keepalive_requests 100000000;
+  keepalive_timeout 120s;
+  server {{
+    listen {listen} backlog=4096;
+    root {root}/www;
+    location / {{ }}
+  }}
+}}
+"""
+    )
+    return conf
+
+
+def wrk(url: str, seconds: int, header: str | None) -> dict[str, Any]:
+    cmd = ["wrk", "-t", "2", "-c", "50", "-d", f"{seconds}s", "-s", str(HERE / "wrk_report.lua")]
+    if header:
+        cmd += ["-H", header]
+    out = subprocess.run(
+        [*cmd, url], capture_output=True, text=True, timeout=seconds + 30, check=False
+    )
+    line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed: {(out.stderr or out.stdout)[-300:]}")
+    data: dict[str, Any] = json.loads(line.removeprefix("WRKJSON "))
+    data["requests_per_s"] = data["requests"] / (data["duration_us"] / 1e6)
+    data["errors"] = sum(v for k, v in data.items() if k.startswith("err_"))
+    return data
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.http_filter")
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if os.geteuid() != 0 or not shutil.which("wrk") or not shutil.which("nginx"):
+        print("needs root, wrk and nginx (make bench installs them)", file=sys.stderr)
+        return 1
+    box = Sandbox("benchh", index=203)
+    workdir = Path(tempfile.mkdtemp(prefix="netmirror-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    samples: dict[str, list[dict[str, Any]]] = {"direct": [], "passthrough": [], "stolen": []}
+    try:
+        if box.exists():
+            box.destroy()
+        box.create()
+        pod_conf = nginx_conf(workdir / "pod", f"0.0.0.0:{POD_PORT}")
+        local_conf = nginx_conf(workdir / "local", f"127.0.0.1:{LOCAL_PORT}")
+        procs.append(box.popen("nginx", "-p", str(pod_conf.parent), "-c", str(pod_conf)))
+        procs.append(
+            subprocess.Popen(["nginx", "-p", str(local_conf.parent), "-c", str(local_conf)])
+        )
+        url = f"http://{box.pod_ip}:{POD_PORT}/index.html"
+        wrk(url, 1, None)  # warm up, and check nginx answers
+        for _ in range(args.rounds):
+            samples["direct"].append(wrk(url, args.seconds, None))
+            netmirror(
+                "up",
+                "--target",
+                box.target,
+                "--session",
+                SESSION,
+                "--steal",
+                f"{POD_PORT}:{LOCAL_PORT}",
+                "--http-header",
+                "^x-dev: bench$",
+            )
+            try:
+                samples["passthrough"].append(wrk(url, args.seconds, None))
+                samples["stolen"].append(wrk(url, args.seconds, "x-dev: bench"))
+            finally:
+                netmirror("down", "--session", SESSION)
+    finally:
+        netmirror("down", "--session", SESSION, check=False)
+        for proc in procs:
+            proc.terminate()
+            proc.wait()
+        box.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary: dict[str, Any] = {}
+    direct = statistics.median(s["requests_per_s"] for s in samples["direct"])
+    for path, runs in samples.items():
+        rps = statistics.median(s["requests_per_s"] for s in runs)
+        summary[path] = {
+            "requests_per_s": rps,
+            "ratio_to_direct": rps / direct,
+            "p50_us": statistics.median(s["p50_us"] for s in runs),
+            "p99_us": statistics.median(s["p99_us"] for s in runs),
+            "errors": sum(s["errors"] for s in runs),
+        }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {
+        "machine": machine(),
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "summary": summary,
+        "samples": samples,
+    }
+    (RESULTS / "http_filter.json").write_text(json.dumps(out, indent=2))
+    print("| path | requests/s | vs direct | p50 | p99 | errors |")
+    print("|---|---|---|---|---|---|")
+    for path, row in summary.items():
+        print(
+            f"| {path} | {row['requests_per_s']:,.0f} | {row['ratio_to_direct']:.2f}x | "
+            f"{row['p50_us'] / 1000:.2f} ms | {row['p99_us'] / 1000:.2f} ms | {row['errors']} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,595 @@
+"""The HTTP router of one port of a target, shared by every session that filters it.
+
+Sessions that steal only some HTTP requests of a port cannot each own the port's
+REDIRECT rule, so the first agent that needs one starts this process (in the
+target's network namespace) and every agent registers with it:
+
+* the router binds the abstract unix socket ``"\\0netmirror-http/<port>"``; an agent
+  connects, sends one JSON line ``{"session", "filter", "socket"}`` and keeps the
+  connection open: that connection *is* the registration (EOF ends it), and the
+  router writes counters on it once a second;
+* the router takes the port with an ordinary steal chain, session ``http-<port>``,
+  guarded like an agent's (:mod:`netmirror.firewall.guard`), so the rule goes even
+  if the router is killed;
+* each client connection gets a :class:`~netmirror.http.relay.Relay`: each request
+  goes to the first registered session (in order of registration) whose filter
+  matches, through that agent's own abstract socket; the others go to the original
+  server over pooled connections; responses return in order;
+* when the last registration is gone, the router removes its rule and exits.
+
+Run: ``python -m netmirror.http.router --port P --backend nft|legacy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import cast
+
+from netmirror.errors import NetmirrorError
+from netmirror.firewall import AGENT_MARK, Backend, Guard, IptablesNat, Redirect
+from netmirror.http.filters import HttpFilter, RequestHead
+from netmirror.http.relay import (
+    ORIGINAL,
+    Close,
+    Connect,
+    Pipe,
+    Relay,
+    Release,
+    ToClient,
+    ToUpstream,
+)
+from netmirror.tunnel import abort_with_reset, original_destination
+
+log = logging.getLogger(__name__)
+
+#: Exit status when another router already serves the port.
+EXIT_IN_USE = 3
+#: Seconds without registrations before the router gives the port back.
+LINGER = 1.0
+#: Seconds a new connection may take to send its first request head; after that it
+#: is passed to the original server as it is (a protocol where the server speaks first).
+HEAD_TIMEOUT = 5.0
+#: Seconds a keep-alive client connection may stay idle between requests.
+IDLE_TIMEOUT = 300.0
+#: Idle pooled connections to the original server, per destination.
+POOL_SIZE = 32
+HIGH_WATER = 1024 * 1024
+
+
+def registry_address(port: int) -> str:
+    """Where agents register for ``port`` (abstract unix socket, leading NUL)."""
+    return f"\0netmirror-http/{port}"
+
+
+def session_address(port: int, session: str) -> str:
+    """Where the agent of ``session`` takes the requests routed to it."""
+    return f"\0netmirror-http/{port}/{session}"
+
+
+def router_session(port: int) -> str:
+    """The steal-chain session name of the router of ``port``."""
+    return f"http-{port}"
+
+
+@dataclass
+class Registration:
+    session: str
+    filter: HttpFilter
+    address: str
+    writer: asyncio.StreamWriter
+    matched: int = 0
+
+
+@dataclass
+class Counters:
+    passed: int = 0
+    connections: int = 0
+    errors: int = 0
+    fallbacks: int = 0
+
+
+class Router:
+    """Serves one port: registrations, the redirect rule, and the client connections."""
+
+    def __init__(self, port: int, backend: Backend) -> None:
+        self.port = port
+        self.backend = backend
+        self.registrations: OrderedDict[str, Registration] = OrderedDict()
+        self.counters = Counters()
+        self.pool: dict[tuple[str, int], list[Upstream]] = {}
+        self._changed = asyncio.Event()
+        self._firewall = IptablesNat(router_session(port), backend=backend)
+
+    # --- routing ---------------------------------------------------------------------
+
+    def route(self, head: RequestHead) -> str:
+        for reg in self.registrations.values():
+            if reg.filter.matches(head):
+                reg.matched += 1
+                return reg.session
+        self.counters.passed += 1
+        return ORIGINAL
+
+    # --- registrations --------------------------------------------------------------
+
+    async def _registration(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        session = ""
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            try:
+                request = json.loads(line)
+                session = str(request["session"])
+                address = str(request["socket"])
+                filt = HttpFilter.parse(request["filter"])
+            except (ValueError, KeyError, TypeError) as exc:
+                writer.write(
+                    json.dumps({"ok": False, "error": f"bad registration: {exc}"}).encode() + b"\n"
+                )
+                return
+            if session in self.registrations:
+                writer.write(
+                    json.dumps(
+                        {"ok": False, "error": f"session {session!r} is already registered"}
+                    ).encode()
+                    + b"\n"
+                )
+                return
+            self.registrations[session] = Registration(session, filt, address, writer)
+            order = list(self.registrations).index(session) + 1
+            log.info(
+                "session %s filters port %d (%s), place %d",
+                session,
+                self.port,
+                filt.describe(),
+                order,
+            )
+            writer.write(json.dumps({"ok": True, "order": order}).encode() + b"\n")
+            await writer.drain()
+            self._changed.set()
+            # The registration lasts as long as this connection.
+            while await reader.read(4096):
+                pass
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            if (
+                session
+                and session in self.registrations
+                and self.registrations[session].writer is writer
+            ):
+                del self.registrations[session]
+                log.info("session %s left port %d", session, self.port)
+                self._changed.set()
+            writer.close()
+
+    async def _report(self) -> None:
+        """Counters to every registered agent, once a second."""
+        while True:
+            await asyncio.sleep(1.0)
+            for reg in list(self.registrations.values()):
+                line = {
+                    "matched": reg.matched,
+                    "passed": self.counters.passed,
+                    "sessions": list(self.registrations),
+                }
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    reg.writer.write(json.dumps(line).encode() + b"\n")
+
+    # --- life ---------------------------------------------------------------------------
+
+    async def run(self, registry: socket.socket) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        reg_server = await asyncio.start_unix_server(self._registration, sock=registry)
+        servers: list[asyncio.AbstractServer] = []
+        redirects: list[Redirect] = []
+        families = [(4, socket.AF_INET, "0.0.0.0")]
+        if _has_ipv6():
+            families.append((6, socket.AF_INET6, "::"))
+        for family, af, host in families:
+            sock = socket.socket(af, socket.SOCK_STREAM)
+            if af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, 0))
+            sock.listen(4096)
+            sock.setblocking(False)
+            server = await loop.create_server(
+                lambda: ClientConnection(self), sock=sock, backlog=4096
+            )
+            servers.append(server)
+            redirects.append(Redirect(self.port, sock.getsockname()[1], family))
+        guard = await asyncio.to_thread(Guard.start, router_session(self.port), self.backend)
+        try:
+            await asyncio.to_thread(self._firewall.apply, self._firewall.plan(redirects))
+            reporter = asyncio.create_task(self._report())
+            print("ready", flush=True)
+            empty_since: float | None = time.monotonic()
+            while not stop.is_set():
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), 0.25)
+                if self.registrations:
+                    empty_since = None
+                elif empty_since is None:
+                    empty_since = time.monotonic()
+                elif time.monotonic() - empty_since > LINGER:
+                    break
+            reporter.cancel()
+        finally:
+            # The rule first: new connections reach the original server directly.
+            with contextlib.suppress(NetmirrorError):
+                await asyncio.to_thread(self._firewall.teardown)
+            for listener in servers:
+                listener.close()
+            reg_server.close()
+            await asyncio.to_thread(guard.close)
+            log.info("router of port %d stopped", self.port)
+        return 0
+
+
+# --- connections ------------------------------------------------------------------------
+
+
+class Upstream(asyncio.Protocol):
+    """A connection to the original server or to a session's agent."""
+
+    def __init__(self, target: str, key: tuple[str, int] | None) -> None:
+        self.target = target
+        self.key = key
+        self.owner: ClientConnection | None = None
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        if self.owner is not None:
+            self.owner.from_upstream(self, data)
+
+    def eof_received(self) -> bool:
+        if self.owner is not None:
+            self.owner.upstream_ended(self, None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.owner is not None:
+            self.owner.upstream_ended(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None and self.owner.transport is not None:
+            self.owner.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.owner is not None and self.owner.transport is not None:
+            self.owner.transport.resume_reading()
+
+    def close(self) -> None:
+        self.owner = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client of the port: its requests routed one by one."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.relay = Relay(router.route)
+        self.transport: asyncio.Transport | None = None
+        self.dst: tuple[str, int] = ("127.0.0.1", router.port)
+        self.upstream: Upstream | None = None
+        self.kept: dict[str, Upstream] = {}
+        self.pending: list[bytes] = []
+        self.sent_to_session: list[bytes] = []
+        self.answered = False
+        self.piping = False
+        self.client_eof = False
+        self.done = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    # client side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        dst = original_destination(sock)
+        if dst is not None:
+            self.dst = dst
+        self.router.counters.connections += 1
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(HEAD_TIMEOUT, self._head_timeout)
+
+    def _head_timeout(self) -> None:
+        self.relay.head_timeout()
+        self._act()
+
+    def data_received(self, data: bytes) -> None:
+        if self.piping:
+            self._send_upstream(data)
+            return
+        loop = asyncio.get_running_loop()
+        if self.relay.requests and (
+            self._timer is None or self._timer.when() - loop.time() < IDLE_TIMEOUT - 60
+        ):
+            # Idle from now: a keep-alive connection that says nothing for long goes.
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_later(IDLE_TIMEOUT, self._head_timeout)
+        self.relay.client_data(data)
+        self._act()
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.piping:
+            self._upstream_eof_if_piping()
+            return True
+        self.relay.client_eof()
+        self._act()
+        return True
+
+    def _upstream_eof_if_piping(self) -> None:
+        """A piped connection passes the client's half-close on to the upstream."""
+        up = self.upstream
+        if self.piping and self.client_eof and up is not None and up.transport is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                if up.transport.can_write_eof():
+                    up.transport.write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for up in [self.upstream, *self.kept.values()]:
+            if up is not None:
+                up.close()
+        self.kept.clear()
+        self.upstream = None
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    # upstream side
+
+    def from_upstream(self, up: Upstream, data: bytes) -> None:
+        if up is not self.upstream or self.transport is None:
+            return
+        self.answered = True
+        self.sent_to_session.clear()
+        if self.piping:
+            self.transport.write(data)
+            return
+        self.relay.upstream_data(data)
+        self._act()
+
+    def upstream_ended(self, up: Upstream, exc: Exception | None) -> None:
+        for target, kept in list(self.kept.items()):
+            if kept is up:
+                del self.kept[target]
+        if up is not self.upstream or self.done:
+            return
+        if self.piping:
+            if exc is None and self.transport is not None and self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                abort_with_reset(self.transport)
+            return
+        if not self.answered and up.target != ORIGINAL and self.sent_to_session:
+            # The session went away before it answered: the request is whole here,
+            # so the original server takes it instead of the client getting an error.
+            self.router.counters.fallbacks += 1
+            replay = list(self.sent_to_session)
+            self.sent_to_session.clear()
+            self.upstream = None
+            self._attach(ORIGINAL)
+            for chunk in replay:
+                self._send_upstream(chunk)
+            return
+        if exc is not None:
+            self.relay.upstream_failed(str(exc))
+        else:
+            self.relay.upstream_eof()
+        self._act()
+
+    # actions
+
+    def _act(self) -> None:
+        for action in self.relay.actions():
+            if self.done:
+                return
+            if isinstance(action, Connect):
+                self._attach(action.target)
+            elif isinstance(action, ToUpstream):
+                if self.upstream is not None and self.upstream.target != ORIGINAL:
+                    self.sent_to_session.append(action.data)
+                self._send_upstream(action.data)
+            elif isinstance(action, ToClient):
+                if self.transport is not None:
+                    self.transport.write(action.data)
+            elif isinstance(action, Release):
+                self._release(action.reusable)
+            elif isinstance(action, Pipe):
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self.piping = True
+                self._upstream_eof_if_piping()
+            elif isinstance(action, Close):
+                self._close(action.reset)
+        if self.transport is not None and not self.done:
+            if self.relay.want_client_data:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
+
+    def _attach(self, target: str) -> None:
+        self.answered = False
+        self.sent_to_session.clear()
+        kept = self.kept.pop(target, None)
+        if kept is not None and not kept.closed:
+            kept.owner = self
+            self.upstream = kept
+            return
+        if target == ORIGINAL:
+            pool = self.router.pool.get(self.dst, [])
+            while pool:
+                up = pool.pop()
+                if not up.closed:
+                    up.owner = self
+                    self.upstream = up
+                    return
+        up = Upstream(target, self.dst if target == ORIGINAL else None)
+        up.owner = self
+        self.upstream = up
+        self._connecting = asyncio.get_running_loop().create_task(self._connect(up))
+
+    async def _connect(self, up: Upstream) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if up.target == ORIGINAL:
+                family = socket.AF_INET6 if ":" in self.dst[0] else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                # Marked: the original server, not this router again.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, self.dst)
+                except OSError:
+                    sock.close()
+                    raise
+            else:
+                reg = self.router.registrations.get(up.target)
+                if reg is None:
+                    raise ConnectionRefusedError(f"session {up.target} left")
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                try:
+                    await loop.sock_connect(sock, reg.address)
+                except OSError:
+                    sock.close()
+                    raise
+            await loop.create_connection(lambda: up, sock=sock)
+        except OSError as exc:
+            up.closed = True
+            log.info("upstream %s: %s", up.target or "original server", exc)
+            self.router.counters.errors += 1
+            self.upstream_ended(up, exc)
+            return
+        if up.owner is None or up.transport is None:
+            return
+        for chunk in self.pending:
+            up.transport.write(chunk)
+        self.pending.clear()
+        self._upstream_eof_if_piping()
+
+    def _send_upstream(self, data: bytes) -> None:
+        up = self.upstream
+        if up is None or up.transport is None:
+            self.pending.append(data)
+            return
+        up.transport.write(data)
+
+    def _release(self, reusable: bool) -> None:
+        up = self.upstream
+        self.upstream = None
+        if up is None:
+            return
+        if not reusable or up.closed:
+            up.close()
+            return
+        up.owner = None
+        if up.target == ORIGINAL:
+            pool = self.router.pool.setdefault(self.dst, [])
+            if len(pool) < POOL_SIZE:
+                pool.append(up)
+                return
+            up.close()
+        else:
+            old = self.kept.pop(up.target, None)
+            if old is not None:
+                old.close()
+            self.kept[up.target] = up
+
+    def _close(self, reset: bool) -> None:
+        self.done = True
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if reset:
+            abort_with_reset(self.transport)
+        elif self.transport is not None:
+            self.transport.close()
+
+
+# --- process ------------------------------------------------------------------------------
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m netmirror.http.router")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--backend", required=True, choices=[b.value for b in Backend])
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format=f"%(asctime)s %(levelname)-7s [http router {args.port}] %(message)s",
+    )
+    registry = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        registry.bind(registry_address(args.port))
+    except OSError as exc:
+        registry.close()
+        print(f"another router serves port {args.port}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_IN_USE
+    registry.listen(64)
+    registry.setblocking(False)
+    # Own session: signals to the agent that started us are not for us.
+    with contextlib.suppress(OSError):
+        os.setsid()
+    try:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(Router(args.port, Backend(args.backend)).run(registry))
+    except NetmirrorError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

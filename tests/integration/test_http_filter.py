@@ -1,0 +1,260 @@
+"""Stealing only the HTTP requests that match a filter; several sessions on one port.
+
+A real HTTP server (aiohttp) answers in the pod, and one local server per session;
+every answer names who gave it. Two sessions filter the same port by a header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import Env, free_port
+
+PORT = 8080
+CRLF = "\r\n"
+
+
+@dataclass
+class Shared:
+    url: str
+    local_a: int
+    local_b: int
+
+
+def _up(env: Env, session: str, local: int, *flags: str) -> subprocess.CompletedProcess[str]:
+    return env.netmirror(
+        "up",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        session,
+        "--steal",
+        f"{PORT}:{local}",
+        *flags,
+    )
+
+
+@pytest.fixture
+def shared(env: Env) -> Iterator[Shared]:
+    env.server("web", PORT, in_pod=True, host="0.0.0.0", tag="pod")
+    local_a, local_b = free_port(), free_port()
+    env.server("web", local_a, in_pod=False, tag="local-a")
+    env.server("web", local_b, in_pod=False, tag="local-b")
+    for session, local in (("a", local_a), ("b", local_b)):
+        res = _up(env, session, local, "--http-header", f"^x-dev: {session}$")
+        assert res.returncode == 0, res.stderr
+    yield Shared(f"http://{env.sandbox.pod_ip}:{PORT}", local_a, local_b)
+
+
+def curl(*args: str) -> str:
+    res = subprocess.run(
+        ["curl", "-sS", "-m", "10", *args], capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def who(answer: str) -> str:
+    return answer.split(" ", 1)[0]
+
+
+def test_each_request_goes_to_the_session_whose_filter_matches(env: Env, shared: Shared) -> None:
+    assert who(curl(shared.url + "/x")) == "pod"
+    assert who(curl("-H", "x-dev: a", shared.url + "/x")) == "local-a"
+    assert who(curl("-H", "X-Dev: b", shared.url + "/x")) == "local-b"
+    assert who(curl("-H", "x-dev: c", shared.url + "/x")) == "pod"
+    # IPv6 clients too.
+    url6 = f"http://[{env.sandbox.pod_ip6}]:{PORT}/x"
+    assert who(curl("-H", "x-dev: a", url6)) == "local-a"
+
+
+def test_keep_alive_and_pipelining_mix_targets_on_one_connection(shared: Shared) -> None:
+    host = shared.url.split("//")[1].split(":")[0]
+    order = ["", "a", "b", "", "a", "", "b"]
+    with socket.create_connection((host, PORT), timeout=10) as sock:
+        # All requests at once (pipelined); answers must come back in order.
+        requests = b"".join(
+            f"GET /{i} HTTP/1.1\r\nHost: x\r\n{f'x-dev: {dev}' + CRLF if dev else ''}\r\n".encode()
+            for i, dev in enumerate(order)
+        )
+        sock.sendall(requests)
+        answers = _read_responses(sock, len(order))
+    expected = [f"{'local-' + dev if dev else 'pod'} GET /{i} 0" for i, dev in enumerate(order)]
+    assert answers == expected
+
+
+def _read_responses(sock: socket.socket, count: int) -> list[str]:
+    """Bodies of ``count`` Content-Length responses read from ``sock``."""
+    buf = b""
+    bodies: list[str] = []
+    while len(bodies) < count:
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(bodies)} responses"
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(buf) < length:
+            chunk = sock.recv(65536)
+            assert chunk
+            buf += chunk
+        bodies.append(buf[:length].decode().strip())
+        buf = buf[length:]
+    return bodies
+
+
+def test_bodies_chunked_and_100_continue(shared: Shared, tmp_path: Path) -> None:
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(3_000_000))
+    out = curl(
+        "-H",
+        "x-dev: a",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        f"@{payload}",
+        shared.url + "/upload",
+    )
+    assert out == "local-a POST /upload 3000000\n"
+    # A chunked request body, and a chunked response.
+    out = curl(
+        "-H",
+        "x-dev: b",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        "hello",
+        shared.url + "/up2",
+    )
+    assert out == "local-b POST /up2 5\n"
+    assert curl("-H", "x-dev: a", shared.url + "/chunked") == "local-a chunked\n"
+    assert curl(shared.url + "/chunked") == "pod chunked\n"
+
+
+async def test_websocket_upgrade_is_stolen_whole_when_it_matches(shared: Shared) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(shared.url + "/ws", headers={"x-dev": "a"}) as ws:
+            for text in ("one", "two"):
+                await ws.send_str(text)
+                assert (await ws.receive_str()) == f"local-a: {text}"
+        async with http.ws_connect(shared.url + "/ws") as ws:
+            await ws.send_str("three")
+            assert (await ws.receive_str()) == "pod: three"
+
+
+def test_non_http_bytes_reach_the_target_untouched(shared: Shared) -> None:
+    host = shared.url.split("//")[1].split(":")[0]
+    with socket.create_connection((host, PORT), timeout=10) as sock:
+        sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+        answer = sock.recv(65536)
+    # aiohttp in the pod answered (400): the bytes went to the pod's server.
+    assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n")[0]
+
+
+def test_status_counts_requests_per_filter(env: Env, shared: Shared) -> None:
+    for dev in ("a", "a", "b", ""):
+        curl(*(["-H", f"x-dev: {dev}"] if dev else []), shared.url + "/")
+    time.sleep(1.5)  # counters travel once a second
+    res = env.netmirror("status", "--json", check=True)
+    sessions = {s["session"]: s for s in json.loads(res.stdout)["sessions"]}
+    http_a = sessions["a"]["ports"][0]["http"]
+    http_b = sessions["b"]["ports"][0]["http"]
+    assert http_a["matched"] == 2 and http_b["matched"] == 1
+    assert http_a["passed"] >= 1
+    assert http_a["order"] == 1 and http_b["order"] == 2
+    assert "x-dev" in http_a["filter"]
+    text = env.netmirror("status", "--session", "a", check=True).stdout
+    assert "2 requests matched" in text
+
+
+def test_whole_port_steal_and_filtered_steal_exclude_each_other(env: Env, shared: Shared) -> None:
+    res = _up(env, "whole", free_port())
+    assert res.returncode != 0
+    assert "HTTP-filtered" in res.stderr.strip().splitlines()[-1]
+    # And the other way round, on another port stolen whole.
+    env.server("web", 9090, in_pod=True, host="0.0.0.0", tag="pod9090")
+    res = env.netmirror(
+        "up",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        "w2",
+        "--steal",
+        f"9090:{free_port()}",
+        check=True,
+    )
+    res = env.netmirror(
+        "up",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        "f2",
+        "--steal",
+        f"9090:{free_port()}",
+        "--http-header",
+        "x",
+    )
+    assert res.returncode != 0
+    assert "9090" in res.stderr.strip().splitlines()[-1]
+
+
+def test_a_session_leaving_mid_traffic_drops_nobody(env: Env, shared: Shared) -> None:
+    host = shared.url.split("//")[1].split(":")[0]
+    failures: list[str] = []
+    answers: list[tuple[str, str]] = []
+    stop = threading.Event()
+
+    def client(dev: str) -> None:
+        # One keep-alive connection per client, requests back to back.
+        import http.client
+
+        conn = http.client.HTTPConnection(host, PORT, timeout=10)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/", headers={"x-dev": dev} if dev else {})
+                answers.append((dev, who(conn.getresponse().read().decode())))
+            except Exception as exc:
+                failures.append(f"{dev}: {exc!r}")
+                conn.close()
+                conn = http.client.HTTPConnection(host, PORT, timeout=10)
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(dev,)) for dev in ("a", "b", "", "b")]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    res = env.netmirror("down", "--session", "b", check=True)
+    assert res.returncode == 0
+    time.sleep(1.0)
+    stop.set()
+    for thread in threads:
+        thread.join(15)
+    assert failures == []
+    after = answers[len(answers) // 2 :]
+    # Session b's requests fell back to the pod; a's still reach local-a.
+    assert {w for d, w in answers if d == "a"} == {"local-a"}
+    assert {w for d, w in after if d == "b"} <= {"local-b", "pod"}
+    assert answers[-1][1] != "local-b" or answers[-1][0] != "b"
+    assert any(d == "b" and w == "pod" for d, w in answers)
+    # The last session leaving gives the port back to the pod whole.
+    env.netmirror("down", "--session", "a", check=True)
+    deadline = time.monotonic() + 10
+    while env.chains() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert env.chains() == ""
+    assert who(curl("-H", "x-dev: a", shared.url + "/")) == "pod"
