@@ -40,7 +40,8 @@ lint: deps
 
 # make bench: the benchmark suite (benchmarks/suite.py): every scenario, side by side
 # over direct, socat relay and netmirror paths; results in benchmarks/results/.
-# Then the mirror-by-capture rate sweep (benchmarks/mirror.py); benchmarks.throughput
+# Then the mirror-by-capture rate sweep (benchmarks/mirror.py) and the HTTP filter's
+# cost for requests it does not steal (benchmarks/http_filter.py); benchmarks.throughput
 # still runs on its own.
 BENCH_PACKAGES := wrk iperf3 redis-server redis-tools socat nginx-light
 BENCH_COMMANDS := wrk iperf3 redis-server redis-benchmark socat nginx
@@ -56,6 +57,7 @@ bench: deps
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) -m benchmarks.suite $(BENCH_ARGS)
 	$(PY) -m benchmarks.mirror
+	$(PY) -m benchmarks.http_filter
 
 agent-image:
 	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "agent-image needs a running Docker engine"; exit 1; }

@@ -11,6 +11,9 @@ the host. In the same run, alternating so drift hits all alike:
 - **stolen**: wrk sends the header: every request goes to nginx on this machine,
   through the router, the agent and the tunnel.
 
+wrk runs with 50 connections (throughput), and with 1 (the latency one request
+sees when the service is not loaded, the usual case on a staging cluster).
+
 Results: ``benchmarks/results/http_filter.json`` and a Markdown table on stdout.
 """
 
@@ -70,8 +73,10 @@ http {{
     return conf
 
 
-def wrk(url: str, seconds: int, header: str | None) -> dict[str, Any]:
-    cmd = ["wrk", "-t", "2", "-c", "50", "-d", f"{seconds}s", "-s", str(HERE / "wrk_report.lua")]
+def wrk(url: str, seconds: int, header: str | None, connections: int = 50) -> dict[str, Any]:
+    threads = str(min(2, connections))
+    cmd = ["wrk", "-t", threads, "-c", str(connections), "-d", f"{seconds}s"]
+    cmd += ["-s", str(HERE / "wrk_report.lua")]
     if header:
         cmd += ["-H", header]
     out = subprocess.run(
@@ -97,7 +102,13 @@ def main() -> int:
     box = Sandbox("benchh", index=203)
     workdir = Path(tempfile.mkdtemp(prefix="netmirror-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
-    samples: dict[str, list[dict[str, Any]]] = {"direct": [], "passthrough": [], "stolen": []}
+    samples: dict[str, list[dict[str, Any]]] = {
+        "direct": [],
+        "passthrough": [],
+        "stolen": [],
+        "direct, 1 connection": [],
+        "passthrough, 1 connection": [],
+    }
     try:
         if box.exists():
             box.destroy()
@@ -112,6 +123,7 @@ def main() -> int:
         wrk(url, 1, None)  # warm up, and check nginx answers
         for _ in range(args.rounds):
             samples["direct"].append(wrk(url, args.seconds, None))
+            samples["direct, 1 connection"].append(wrk(url, args.seconds, None, 1))
             netmirror(
                 "up",
                 "--target",
@@ -125,6 +137,7 @@ def main() -> int:
             )
             try:
                 samples["passthrough"].append(wrk(url, args.seconds, None))
+                samples["passthrough, 1 connection"].append(wrk(url, args.seconds, None, 1))
                 samples["stolen"].append(wrk(url, args.seconds, "x-dev: bench"))
             finally:
                 netmirror("down", "--session", SESSION)
@@ -136,8 +149,9 @@ def main() -> int:
         box.destroy()
         shutil.rmtree(workdir, ignore_errors=True)
     summary: dict[str, Any] = {}
-    direct = statistics.median(s["requests_per_s"] for s in samples["direct"])
     for path, runs in samples.items():
+        baseline = "direct, 1 connection" if "1 connection" in path else "direct"
+        direct = statistics.median(s["requests_per_s"] for s in samples[baseline])
         rps = statistics.median(s["requests_per_s"] for s in runs)
         summary[path] = {
             "requests_per_s": rps,
