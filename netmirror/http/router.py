@@ -34,7 +34,7 @@ import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from netmirror.errors import NetmirrorError
 from netmirror.firewall import AGENT_MARK, Backend, Guard, IptablesNat, Redirect
@@ -470,31 +470,8 @@ class ClientConnection(asyncio.Protocol):
         self._connecting = asyncio.get_running_loop().create_task(self._connect(up))
 
     async def _connect(self, up: Upstream) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            if up.target == ORIGINAL:
-                family = socket.AF_INET6 if ":" in self.dst[0] else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                # Marked: the original server, not this router again.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, self.dst)
-                except OSError:
-                    sock.close()
-                    raise
-            else:
-                reg = self.router.registrations.get(up.target)
-                if reg is None:
-                    raise ConnectionRefusedError(f"session {up.target} left")
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.setblocking(False)
-                try:
-                    await loop.sock_connect(sock, reg.address)
-                except OSError:
-                    sock.close()
-                    raise
-            await loop.create_connection(lambda: up, sock=sock)
+            await connect_upstream(self.router, self.dst, up)
         except OSError as exc:
             up.closed = True
             log.info("upstream %s: %s", up.target or "original server", exc)
@@ -545,6 +522,30 @@ class ClientConnection(asyncio.Protocol):
             abort_with_reset(self.transport)
         elif self.transport is not None:
             self.transport.close()
+
+
+async def connect_upstream(router: Router, dst: tuple[str, int], up: Upstream) -> None:
+    """Connect ``up``: to the original server at ``dst``, or to its session's agent."""
+    loop = asyncio.get_running_loop()
+    if up.target == ORIGINAL:
+        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        # Marked: the original server, not this router again.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+        address: Any = dst
+    else:
+        reg = router.registrations.get(up.target)
+        if reg is None:
+            raise ConnectionRefusedError(f"session {up.target} left")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = reg.address
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+        await loop.create_connection(lambda: up, sock=sock)
+    except OSError:
+        sock.close()
+        raise
 
 
 # --- process ------------------------------------------------------------------------------
