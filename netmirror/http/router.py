@@ -38,6 +38,7 @@ from typing import Any, cast
 
 from netmirror.errors import NetmirrorError
 from netmirror.firewall import AGENT_MARK, Backend, Guard, IptablesNat, Redirect
+from netmirror.http import relay2
 from netmirror.http.filters import HttpFilter, RequestHead
 from netmirror.http.relay import (
     ORIGINAL,
@@ -251,7 +252,7 @@ class Upstream(asyncio.Protocol):
     def __init__(self, target: str, key: tuple[str, int] | None) -> None:
         self.target = target
         self.key = key
-        self.owner: ClientConnection | None = None
+        self.owner: ClientConnection | H2Handler | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
 
@@ -303,6 +304,9 @@ class ClientConnection(asyncio.Protocol):
         self.piping = False
         self.client_eof = False
         self.done = False
+        self.h2: H2Handler | None = None
+        # The first bytes, until they show whether this is HTTP/2 with prior knowledge.
+        self._first: bytes | None = b""
         self._timer: asyncio.TimerHandle | None = None
         self._connecting: asyncio.Task[None] | None = None
 
@@ -326,6 +330,25 @@ class ClientConnection(asyncio.Protocol):
         self._act()
 
     def data_received(self, data: bytes) -> None:
+        if self.h2 is not None:
+            self.h2.client_data(data)
+            return
+        if self._first is not None:
+            seen = self._first + data
+            preface = relay2.PREFACE
+            if preface.startswith(seen[: len(preface)]):
+                if len(seen) < len(preface):
+                    self._first = seen  # could still be HTTP/2: wait for the rest
+                    return
+                self._first = None
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self.h2 = H2Handler(self)
+                self.h2.client_data(seen)
+                return
+            self._first = None
+            data = seen
         if self.piping:
             self._send_upstream(data)
             return
@@ -342,6 +365,14 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.client_eof = True
+        if self.h2 is not None:
+            self.h2.client_eof()
+            return True
+        if self._first:
+            # EOF in the middle of what looked like an HTTP/2 preface: plain bytes.
+            data, self._first = self._first, None
+            self.relay.client_data(data)
+        self._first = None
         if self.piping:
             self._upstream_eof_if_piping()
             return True
@@ -359,6 +390,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
+        if self.h2 is not None:
+            self.h2.close_upstreams()
         if self._timer is not None:
             self._timer.cancel()
         for up in [self.upstream, *self.kept.values()]:
@@ -368,12 +401,16 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
 
     def pause_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.pause_reading()
+        ups = self.h2.ups.values() if self.h2 is not None else [self.upstream]
+        for up in ups:
+            if up is not None and up.transport is not None:
+                up.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and self.upstream.transport is not None:
-            self.upstream.transport.resume_reading()
+        ups = self.h2.ups.values() if self.h2 is not None else [self.upstream]
+        for up in ups:
+            if up is not None and up.transport is not None:
+                up.transport.resume_reading()
 
     # upstream side
 
@@ -522,6 +559,98 @@ class ClientConnection(asyncio.Protocol):
             abort_with_reset(self.transport)
         elif self.transport is not None:
             self.transport.close()
+
+
+class H2Handler:
+    """An HTTP/2 (prior knowledge) client connection: routed stream by stream."""
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.relay = relay2.H2Relay(conn.router.route)
+        self.ups: dict[str, Upstream] = {}
+        self.pending: dict[str, list[bytes]] = {}
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.conn.transport
+
+    def client_data(self, data: bytes) -> None:
+        self.relay.client_data(data)
+        self._act()
+
+    def client_eof(self) -> None:
+        self.relay.client_eof()
+        self._act()
+
+    def from_upstream(self, up: Upstream, data: bytes) -> None:
+        if self.ups.get(up.target) is up:
+            self.relay.upstream_data(up.target, data)
+            self._act()
+
+    def upstream_ended(self, up: Upstream, exc: Exception | None) -> None:
+        if self.ups.get(up.target) is not up:
+            return  # replaced or closed on purpose: the relay must not hear of it
+        del self.ups[up.target]
+        self.pending.pop(up.target, None)
+        if exc is not None:
+            self.relay.upstream_failed(up.target, str(exc))
+        else:
+            self.relay.upstream_eof(up.target)
+        self._act()
+
+    def close_upstreams(self) -> None:
+        for up in self.ups.values():
+            up.close()
+        self.ups.clear()
+        self.pending.clear()
+
+    def _act(self) -> None:
+        conn = self.conn
+        for action in self.relay.actions():
+            if conn.done:
+                return
+            if isinstance(action, relay2.OpenUpstream):
+                self._open(action.target)
+            elif isinstance(action, relay2.ToUpstream):
+                up = self.ups.get(action.target)
+                if up is not None and up.transport is not None:
+                    up.transport.write(action.data)
+                else:
+                    self.pending.setdefault(action.target, []).append(action.data)
+            elif isinstance(action, relay2.ToClient):
+                if conn.transport is not None:
+                    conn.transport.write(action.data)
+            elif isinstance(action, relay2.CloseUpstream):
+                up = self.ups.pop(action.target, None)
+                self.pending.pop(action.target, None)
+                if up is not None:
+                    up.close()
+            elif isinstance(action, relay2.Close):
+                self.close_upstreams()
+                conn._close(action.reset)
+
+    def _open(self, target: str) -> None:
+        old = self.ups.pop(target, None)
+        if old is not None:
+            old.close()
+        up = Upstream(target, self.conn.dst if target == ORIGINAL else None)
+        up.owner = self
+        self.ups[target] = up
+        self.pending[target] = []
+        asyncio.get_running_loop().create_task(self._connect(up))
+
+    async def _connect(self, up: Upstream) -> None:
+        try:
+            await connect_upstream(self.conn.router, self.conn.dst, up)
+        except OSError as exc:
+            up.closed = True
+            self.conn.router.counters.errors += 1
+            self.upstream_ended(up, exc)
+            return
+        if self.ups.get(up.target) is not up or up.transport is None:
+            return
+        for chunk in self.pending.pop(up.target, []):
+            up.transport.write(chunk)
 
 
 async def connect_upstream(router: Router, dst: tuple[str, int], up: Upstream) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,9 +20,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.conftest import Env, free_port
+from tests.integration.conftest import REPO, Env, free_port, wait_ready
 
 PORT = 8080
+H2SERVER = REPO / "tests" / "support" / "h2server.py"
 CRLF = "\r\n"
 
 
@@ -292,3 +294,80 @@ def test_a_killed_router_is_replaced_and_sessions_carry_on(env: Env, shared: Sha
     first_answer = next(i for i, w in enumerate(seen) if w != "error")
     assert "error" not in seen[first_answer:], seen
     assert first_answer <= 5, seen
+
+
+def _h2_server(env: Env, port: int, tag: str, *, in_pod: bool) -> None:
+    argv = [sys.executable, str(H2SERVER), "--host", "0.0.0.0" if in_pod else "127.0.0.1"]
+    argv += ["--port", str(port), "--tag", tag]
+    cmd = env.sandbox.cmd(*argv) if in_pod else argv
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    env.procs.append(proc)
+    wait_ready(proc, f"h2 server {tag}")
+
+
+def test_http2_prior_knowledge_is_routed_stream_by_stream(env: Env) -> None:
+    if "HTTP2" not in subprocess.run(["curl", "-V"], capture_output=True, text=True).stdout:
+        pytest.skip("this curl has no HTTP/2")
+    h2_port = 8081
+    _h2_server(env, h2_port, "pod", in_pod=True)
+    local = free_port()
+    _h2_server(env, local, "local-h2", in_pod=False)
+    res = env.netmirror(
+        "up",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        "h2a",
+        "--steal",
+        f"{h2_port}:{local}",
+        "--http-header",
+        "^x-dev: a$",
+    )
+    assert res.returncode == 0, res.stderr
+    url = f"http://{env.sandbox.pod_ip}:{h2_port}"
+    h2 = ["--http2-prior-knowledge"]
+    assert curl(*h2, url + "/one") == "pod GET /one 0\n"
+    assert curl(*h2, "-H", "x-dev: a", url + "/two") == "local-h2 GET /two 0\n"
+    assert curl(*h2, "-H", "x-dev: a", "--data-binary", "x" * 100_000, url + "/up") == (
+        "local-h2 POST /up 100000\n"
+    )
+    # Several streams on one connection, each routed on its own.
+    answers = _h2_requests(env.sandbox.pod_ip, h2_port, ["", "a", "", "a", "a"])
+    assert answers == [
+        "pod GET /0 0",
+        "local-h2 GET /1 0",
+        "pod GET /2 0",
+        "local-h2 GET /3 0",
+        "local-h2 GET /4 0",
+    ]
+
+
+def _h2_requests(host: str, port: int, devs: list[str]) -> list[str]:
+    """Send one GET per entry, all at once on one HTTP/2 connection; the bodies in order."""
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection()
+    conn.initiate_connection()
+    ids = []
+    for i, dev in enumerate(devs):
+        stream = conn.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":path", f"/{i}"), (":scheme", "http")]
+        headers += [(":authority", host)] + ([("x-dev", dev)] if dev else [])
+        conn.send_headers(stream, headers, end_stream=True)
+        ids.append(stream)
+    bodies: dict[int, bytes] = {stream: b"" for stream in ids}
+    ended: set[int] = set()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        while len(ended) < len(ids):
+            data = sock.recv(65536)
+            assert data, "connection closed"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            sock.sendall(conn.data_to_send())
+    return [bodies[stream].decode().strip() for stream in ids]
