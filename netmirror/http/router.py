@@ -254,11 +254,23 @@ class Upstream(asyncio.Protocol):
         self.key = key
         self.owner: ClientConnection | H2Handler | None = None
         self.transport: asyncio.Transport | None = None
+        self.backlog: list[bytes] = []
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
+        # What was written while connecting goes first, in order.
+        for chunk in self.backlog:
+            self.transport.write(chunk)
+        self.backlog.clear()
+
+    def write(self, data: bytes) -> None:
+        """Send ``data``, or keep it until the connection is made."""
+        if self.transport is None:
+            self.backlog.append(data)
+        elif not self.transport.is_closing():
+            self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
         if self.owner is not None:
@@ -490,21 +502,25 @@ class ClientConnection(asyncio.Protocol):
         self.sent_to_session.clear()
         kept = self.kept.pop(target, None)
         if kept is not None and not kept.closed:
-            kept.owner = self
-            self.upstream = kept
+            self._use(kept)
             return
         if target == ORIGINAL:
             pool = self.router.pool.get(self.dst, [])
             while pool:
                 up = pool.pop()
                 if not up.closed:
-                    up.owner = self
-                    self.upstream = up
+                    self._use(up)
                     return
         up = Upstream(target, self.dst if target == ORIGINAL else None)
+        self._use(up)
+        self._connecting = asyncio.get_running_loop().create_task(self._connect(up))
+
+    def _use(self, up: Upstream) -> None:
         up.owner = self
         self.upstream = up
-        self._connecting = asyncio.get_running_loop().create_task(self._connect(up))
+        for chunk in self.pending:
+            up.write(chunk)
+        self.pending.clear()
 
     async def _connect(self, up: Upstream) -> None:
         try:
@@ -517,17 +533,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if up.owner is None or up.transport is None:
             return
-        for chunk in self.pending:
-            up.transport.write(chunk)
-        self.pending.clear()
         self._upstream_eof_if_piping()
 
     def _send_upstream(self, data: bytes) -> None:
-        up = self.upstream
-        if up is None or up.transport is None:
+        if self.upstream is None:
             self.pending.append(data)
-            return
-        up.transport.write(data)
+        else:
+            self.upstream.write(data)
 
     def _release(self, reusable: bool) -> None:
         up = self.upstream
@@ -613,8 +625,8 @@ class H2Handler:
                 self._open(action.target)
             elif isinstance(action, relay2.ToUpstream):
                 up = self.ups.get(action.target)
-                if up is not None and up.transport is not None:
-                    up.transport.write(action.data)
+                if up is not None:
+                    up.write(action.data)
                 else:
                     self.pending.setdefault(action.target, []).append(action.data)
             elif isinstance(action, relay2.ToClient):
@@ -636,7 +648,8 @@ class H2Handler:
         up = Upstream(target, self.conn.dst if target == ORIGINAL else None)
         up.owner = self
         self.ups[target] = up
-        self.pending[target] = []
+        for chunk in self.pending.pop(target, []):
+            up.write(chunk)
         asyncio.get_running_loop().create_task(self._connect(up))
 
     async def _connect(self, up: Upstream) -> None:
@@ -647,10 +660,7 @@ class H2Handler:
             self.conn.router.counters.errors += 1
             self.upstream_ended(up, exc)
             return
-        if self.ups.get(up.target) is not up or up.transport is None:
-            return
-        for chunk in self.pending.pop(up.target, []):
-            up.transport.write(chunk)
+
 
 
 async def connect_upstream(router: Router, dst: tuple[str, int], up: Upstream) -> None:

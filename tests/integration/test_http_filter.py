@@ -328,6 +328,7 @@ def test_http2_prior_knowledge_is_routed_stream_by_stream(env: Env) -> None:
     h2 = ["--http2-prior-knowledge"]
     assert curl(*h2, url + "/one") == "pod GET /one 0\n"
     assert curl(*h2, "-H", "x-dev: a", url + "/two") == "local-h2 GET /two 0\n"
+    # A body larger than HTTP/2's initial window: flow control holds end to end.
     assert curl(*h2, "-H", "x-dev: a", "--data-binary", "x" * 100_000, url + "/up") == (
         "local-h2 POST /up 100000\n"
     )
