@@ -201,7 +201,9 @@ class _H2(H2Connection):
         return [], [event]
 
 
-def _connection(*, client_side: bool, settings: dict[SettingCodes, int]) -> _H2:
+def _connection(
+    *, client_side: bool, settings: dict[SettingCodes, int], upgrade: bytes | None = None
+) -> _H2:
     conn = _H2(
         H2Configuration(
             client_side=client_side, header_encoding=None, validate_inbound_headers=True
@@ -210,7 +212,11 @@ def _connection(*, client_side: bool, settings: dict[SettingCodes, int]) -> _H2:
     settings = {SettingCodes.MAX_HEADER_LIST_SIZE: conn.DEFAULT_MAX_HEADER_LIST_SIZE, **settings}
     # Initial values are what the first SETTINGS frame says, in force at once.
     conn.local_settings = Settings(client=client_side, initial_values=settings)
-    conn.initiate_connection()
+    if upgrade is not None:
+        # An h2c upgrade: the client's HTTP2-Settings apply, stream 1 is its request.
+        conn.initiate_upgrade_connection(upgrade)
+    else:
+        conn.initiate_connection()
     return conn
 
 
@@ -243,6 +249,53 @@ class _Upstream:
     def has_room(self) -> bool:
         conn = self.conn
         return conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams
+
+
+@dataclass(frozen=True)
+class H2cUpgrade:
+    """An HTTP/1.1 request that asked for ``Upgrade: h2c``, as HTTP/2 headers."""
+
+    settings: bytes
+    """The ``HTTP2-Settings`` header's value."""
+    headers: _Headers
+    body: bytes = b""
+
+    @classmethod
+    def from_http1(
+        cls, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+    ) -> H2cUpgrade | None:
+        """The upgrade a parsed HTTP/1.1 request asks for, or None if it asks none."""
+        fields = [(name.lower(), value) for name, value in headers]
+        upgrade = b",".join(v for n, v in fields if n == b"upgrade").lower()
+        settings = [v for n, v in fields if n == b"http2-settings"]
+        if b"h2c" not in [t.strip() for t in upgrade.split(b",")] or len(settings) != 1:
+            return None
+        authority = next((v for n, v in fields if n == b"host"), b"")
+        h2_headers: list[tuple[bytes, bytes]] = [
+            (b":method", method),
+            (b":scheme", b"http"),
+            (b":authority", authority),
+            (b":path", target),
+        ]
+        for name, value in fields:
+            if name not in _HTTP1_ONLY and not (name == b"te" and value.lower() != b"trailers"):
+                h2_headers.append((name, value))
+        return cls(settings=settings[0].strip(), headers=h2_headers, body=body)
+
+
+#: Headers of an HTTP/1.1 request that have no place in HTTP/2.
+_HTTP1_ONLY = frozenset(
+    {
+        b"connection",
+        b"upgrade",
+        b"http2-settings",
+        b"host",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"content-length",
+    }
+)
 
 
 class _Stream:
@@ -292,11 +345,17 @@ class H2Relay:
     """
 
     def __init__(
-        self, route: Callable[[RequestHead], str], *, max_streams: int = DEFAULT_MAX_STREAMS
+        self,
+        route: Callable[[RequestHead], str],
+        *,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        upgrade: H2cUpgrade | None = None,
     ) -> None:
         """``route(head)`` returns ORIGINAL or a session name, once per request.
 
         ``max_streams``: the ``SETTINGS_MAX_CONCURRENT_STREAMS`` advertised to the client.
+        ``upgrade``: the connection was upgraded from HTTP/1.1 (the I/O layer answered
+        ``101`` itself); its request becomes stream 1, routed like any other.
         """
         self._route = route
         self._max_streams = max(1, max_streams)
@@ -314,8 +373,18 @@ class H2Relay:
         self._client = _connection(
             client_side=False,
             settings={SettingCodes.MAX_CONCURRENT_STREAMS: self._max_streams},
+            upgrade=upgrade.settings if upgrade is not None else None,
         )
         _widen(self._client, self._max_streams)
+        if upgrade is not None:
+            headers = upgrade.headers
+            stream = _Stream(1, headers, self._call_route(_request_head(headers)))
+            # The body came over HTTP/1.1, outside HTTP/2's flow control: nothing to
+            # acknowledge for it, so it is sent as a replay.
+            stream.replay += upgrade.body
+            stream.req_end = True
+            self._streams[1] = stream
+            self._send_to(stream, stream.target)
         self._flush()
 
     # --- state, for the I/O layer and status ------------------------------------------

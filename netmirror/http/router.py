@@ -36,6 +36,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, cast
 
+import h11
+
 from netmirror.errors import NetmirrorError
 from netmirror.firewall import AGENT_MARK, Backend, Guard, IptablesNat, Redirect
 from netmirror.http import relay2
@@ -63,6 +65,10 @@ LINGER = 1.0
 HEAD_TIMEOUT = 5.0
 #: Seconds a keep-alive client connection may stay idle between requests.
 IDLE_TIMEOUT = 300.0
+#: Seconds a probe's answer (does the original server speak HTTP/2?) is trusted.
+H2C_PROBE_TTL = 60.0
+#: Largest first request head looked at for an h2c upgrade.
+MAX_SNIFF = 64 * 1024
 #: Idle pooled connections to the original server, per destination.
 POOL_SIZE = 32
 HIGH_WATER = 1024 * 1024
@@ -109,6 +115,7 @@ class Router:
         self.registrations: OrderedDict[str, Registration] = OrderedDict()
         self.counters = Counters()
         self.pool: dict[tuple[str, int], list[Upstream]] = {}
+        self._h2c: dict[tuple[str, int], tuple[float, bool]] = {}
         self._changed = asyncio.Event()
         self._firewall = IptablesNat(router_session(port), backend=backend)
 
@@ -121,6 +128,34 @@ class Router:
                 return reg.session
         self.counters.passed += 1
         return ORIGINAL
+
+    async def speaks_h2c(self, dst: tuple[str, int]) -> bool:
+        """Whether the original server at ``dst`` speaks HTTP/2 with prior knowledge."""
+        known = self._h2c.get(dst)
+        if known is not None and time.monotonic() - known[0] < H2C_PROBE_TTL:
+            return known[1]
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+        answer = b""
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+            sock.setblocking(False)
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(loop.sock_connect(sock, dst), 1.0)
+                # The preface and an empty SETTINGS frame; a server of HTTP/2 answers
+                # with its SETTINGS frame (type 4), one of HTTP/1.1 with an error or nothing.
+                await loop.sock_sendall(
+                    sock, relay2.PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+                )
+                while len(answer) < 9:
+                    chunk = await asyncio.wait_for(loop.sock_recv(sock, 9 - len(answer)), 1.0)
+                    if not chunk:
+                        break
+                    answer += chunk
+        result = len(answer) >= 9 and answer[3] == 4
+        self._h2c[dst] = (time.monotonic(), result)
+        log.info("%s:%d %s HTTP/2", dst[0], dst[1], "speaks" if result else "does not speak")
+        return result
 
     # --- registrations --------------------------------------------------------------
 
@@ -338,8 +373,39 @@ class ClientConnection(asyncio.Protocol):
         self._timer = loop.call_later(HEAD_TIMEOUT, self._head_timeout)
 
     def _head_timeout(self) -> None:
+        if self._first:
+            data, self._first = self._first, None
+            self.relay.client_data(data)
+        self._first = None
         self.relay.head_timeout()
         self._act()
+
+    def _begin_upgrade(self, upgrade: relay2.H2cUpgrade, seen: bytes, head_end: int) -> None:
+        """An h2c upgrade: answered here, if the original server speaks HTTP/2."""
+        assert self.transport is not None
+        self.transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._upgrade(upgrade, seen, head_end))
+
+    async def _upgrade(self, upgrade: relay2.H2cUpgrade, seen: bytes, head_end: int) -> None:
+        speaks_h2 = await self.router.speaks_h2c(self.dst)
+        if self.done or self.transport is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not speaks_h2:
+            # An HTTP/1.1 server: it will answer in HTTP/1.1; route the request as such.
+            self.relay.client_data(seen)
+            self._act()
+        else:
+            self.transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+            )
+            self.h2 = H2Handler(self, upgrade=upgrade)
+            if seen[head_end:]:
+                self.h2.client_data(seen[head_end:])
+        if not self.done:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.h2 is not None:
@@ -359,7 +425,15 @@ class ClientConnection(asyncio.Protocol):
                 self.h2 = H2Handler(self)
                 self.h2.client_data(seen)
                 return
+            end = seen.find(b"\r\n\r\n")
+            if end < 0 and len(seen) < MAX_SNIFF and _may_be_request(seen):
+                self._first = seen  # an HTTP/1 head: it may ask for an h2c upgrade
+                return
             self._first = None
+            upgrade = _h2c_upgrade(seen[: end + 4]) if end >= 0 else None
+            if upgrade is not None:
+                self._begin_upgrade(upgrade, seen, end + 4)
+                return
             data = seen
         if self.piping:
             self._send_upstream(data)
@@ -576,9 +650,9 @@ class ClientConnection(asyncio.Protocol):
 class H2Handler:
     """An HTTP/2 (prior knowledge) client connection: routed stream by stream."""
 
-    def __init__(self, conn: ClientConnection) -> None:
+    def __init__(self, conn: ClientConnection, upgrade: relay2.H2cUpgrade | None = None) -> None:
         self.conn = conn
-        self.relay = relay2.H2Relay(conn.router.route)
+        self.relay = relay2.H2Relay(conn.router.route, upgrade=upgrade)
         self.ups: dict[str, Upstream] = {}
         self.pending: dict[str, list[bytes]] = {}
 
@@ -661,6 +735,31 @@ class H2Handler:
             self.upstream_ended(up, exc)
             return
 
+
+def _may_be_request(data: bytes) -> bool:
+    """Whether ``data`` can be the start of an HTTP/1 request line (``METHOD SP``)."""
+    method = data[:16].split(b" ", 1)[0]
+    return bool(method) and method.isalpha() and method.isupper()
+
+
+def _h2c_upgrade(head: bytes) -> relay2.H2cUpgrade | None:
+    """The h2c upgrade a complete, bodiless first request head asks for, if any."""
+    if b"h2c" not in head.lower():
+        return None
+    parser = h11.Connection(h11.SERVER)
+    try:
+        parser.receive_data(head)
+        event = parser.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request) or event.http_version != b"1.1":
+        return None
+    fields = {name.lower(): value for name, value in event.headers}
+    if fields.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in fields:
+        return None  # a body: the request goes as HTTP/1.1, and the connection follows it
+    return relay2.H2cUpgrade.from_http1(
+        event.method, event.target, list(event.headers.raw_items()), b""
+    )
 
 
 async def connect_upstream(router: Router, dst: tuple[str, int], up: Upstream) -> None:

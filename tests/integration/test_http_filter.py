@@ -159,6 +159,31 @@ async def test_websocket_upgrade_is_stolen_whole_when_it_matches(shared: Shared)
             assert (await ws.receive_str()) == "pod: three"
 
 
+def test_h2c_upgrade_to_an_http1_server_stays_http1(shared: Shared) -> None:
+    # The pod's server speaks only HTTP/1.1: the upgrade is not taken, the request is
+    # routed as HTTP/1.1 and answered so, as without netmirror.
+    for dev, answer in (("", "pod"), ("a", "local-a")):
+        headers = ["-H", f"x-dev: {dev}"] if dev else []
+        res = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "-m",
+                "10",
+                "--http2",
+                "-w",
+                " %{http_version}",
+                *headers,
+                shared.url + "/u",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == f"{answer} GET /u 0\n 1.1"
+
+
 def test_non_http_bytes_reach_the_target_untouched(shared: Shared) -> None:
     host = shared.url.split("//")[1].split(":")[0]
     with socket.create_connection((host, PORT), timeout=10) as sock:
@@ -336,6 +361,10 @@ def test_http2_prior_knowledge_is_routed_stream_by_stream(env: Env) -> None:
     assert curl(*h2, "-H", "x-dev: a", "--data-binary", "x" * 100_000, url + "/up") == (
         "local-h2 POST /up 100000\n"
     )
+    # An h2c upgrade (curl --http2 on http://): netmirror answers the upgrade, since
+    # the pod's server speaks HTTP/2, and routes the request and those after it.
+    assert curl("--http2", url + "/up1") == "pod GET /up1 0\n"
+    assert curl("--http2", "-H", "x-dev: a", url + "/up2") == "local-h2 GET /up2 0\n"
     # Several streams on one connection, each routed on its own.
     answers = _h2_requests(env.sandbox.pod_ip, h2_port, ["", "a", "", "a", "a"])
     assert answers == [

@@ -50,6 +50,7 @@ from netmirror.http.relay2 import (
     Action2,
     Close,
     CloseUpstream,
+    H2cUpgrade,
     H2Relay,
     OpenUpstream,
     ToClient,
@@ -1201,3 +1202,65 @@ async def test_one_multiplexed_connection_through_the_relay(
     assert all(client.log(s).reset is None for s in expected)
     assert elapsed < 1.4, f"not concurrent: {elapsed:.2f} s"  # 4 x /slow is 2 s
     assert len(relays) == 1 and relays[0].requests == {ORIGINAL: 6, "sess": 6}
+
+
+# --- h2c upgrade -------------------------------------------------------------------------
+
+
+def upgraded_world(extra: list[tuple[bytes, bytes]], body: bytes = b"") -> World:
+    """A world whose client upgraded from HTTP/1.1: its request is stream 1."""
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    settings_header = client.initiate_upgrade_connection()
+    assert settings_header is not None
+    upgrade = H2cUpgrade.from_http1(
+        b"POST" if body else b"GET",
+        b"/first?x=1",
+        [
+            (b"Host", b"shop.example"),
+            (b"Connection", b"Upgrade, HTTP2-Settings"),
+            (b"Upgrade", b"h2c"),
+            (b"HTTP2-Settings", settings_header),
+            *extra,
+        ],
+        body,
+    )
+    assert upgrade is not None
+    world = World.__new__(World)
+    world.relay = H2Relay(route_by_header, upgrade=upgrade)
+    world.client = Peer(client_side=True)
+    world.client.conn = client
+    world.servers, world.history, world.log = {}, [], []
+    world.closed, world.down, world.new_server = None, set(), Server
+    world.pump()
+    return world
+
+
+def test_h2c_upgrade_request_is_stream_1_routed_like_any_other() -> None:
+    world = upgraded_world([(b"x-to", b"alice")])
+    assert world.text(1) == "alice GET /first?x=1 0\n"
+    # HTTP/1.1-only headers are gone; the host became the authority.
+    head = world.servers["alice"].streams[1].heads[0]
+    names = [name for name, _ in head]
+    assert names[:4] == [b":method", b":scheme", b":authority", b":path"]
+    assert header(head, ":authority") == "shop.example"
+    assert not {b"connection", b"upgrade", b"http2-settings", b"host"} & set(names)
+    # The streams after it are routed one by one too.
+    stream = world.request(request_headers("GET", "/second"))
+    assert world.text(stream) == "orig GET /second 0\n"
+    assert world.relay.requests == {"alice": 1, ORIGINAL: 1}
+
+
+def test_h2c_upgrade_body_goes_with_the_request() -> None:
+    world = upgraded_world([], body=b"x" * 70_000)
+    assert world.text(1) == "orig POST /first?x=1 70000\n"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Upgrade", b"websocket"), (b"HTTP2-Settings", b"AAMAAABkAAQAoAAAAAIAAAAA")],
+        [(b"Upgrade", b"h2c")],
+    ],
+)
+def test_not_an_h2c_upgrade(headers: list[tuple[bytes, bytes]]) -> None:
+    assert H2cUpgrade.from_http1(b"GET", b"/", [(b"Host", b"h"), *headers], b"") is None
