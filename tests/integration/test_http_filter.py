@@ -213,6 +213,39 @@ def test_whole_port_steal_and_filtered_steal_exclude_each_other(env: Env, shared
     res = _up(env, "whole", free_port())
     assert res.returncode != 0
     assert "HTTP-filtered" in res.stderr.strip().splitlines()[-1]
+    # A developer on another machine (another state directory, so this CLI cannot
+    # see the sessions): the agent in the target refuses, with the same reason.
+    other = env.env | {"NETMIRROR_STATE_DIR": str(env.state_dir) + "-other"}
+    try:
+        res = env.netmirror(
+            "up",
+            "--target",
+            env.sandbox.target,
+            "--session",
+            "elsewhere",
+            "--steal",
+            f"{PORT}:{free_port()}",
+            env=other,
+        )
+        assert res.returncode != 0
+        assert "steal only some HTTP requests" in res.stderr.strip().splitlines()[-1]
+        res = env.netmirror(
+            "up",
+            "--target",
+            env.sandbox.target,
+            "--session",
+            "elsewhere2",
+            "--steal",
+            f"{PORT}:{free_port()}",
+            "--http-header",
+            "^x-dev: z$",
+            env=other,
+        )
+        assert res.returncode == 0, res.stderr
+        # Nothing listens on its local port: the request falls back to the pod.
+        assert who(curl("-H", "x-dev: z", shared.url + "/")) == "pod"
+    finally:
+        env.netmirror("down", "--all", env=other)
     # And the other way round, on another port stolen whole.
     env.server("web", 9090, in_pod=True, host="0.0.0.0", tag="pod9090")
     res = env.netmirror(
