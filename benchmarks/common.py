@@ -221,3 +221,40 @@ class Processes:
     def stop_all(self) -> None:
         for proc in reversed(list(self.procs)):
             self.stop(proc)
+
+
+def nginx_conf(root: Path, listen: str) -> Path:
+    """An nginx config serving a 1 KiB page from ``root/www`` on ``listen``, keep-alive."""
+    (root / "www").mkdir(parents=True, exist_ok=True)
+    (root / "www" / "index.html").write_text("netmirror benchmark " * 51 + "\n")  # 1 KiB
+    for path in (root.parent, root, root / "www"):
+        path.chmod(0o755)
+    (root / "www" / "index.html").chmod(0o644)
+    temp = "\n".join(
+        f"  {kind}_temp_path {root}/tmp-{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+daemon off;
+master_process on;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+{temp}
+  keepalive_requests 100000000;
+  keepalive_timeout 120s;
+  default_type text/html;
+  server {{
+    listen {listen} backlog=4096;
+    root {root}/www;
+    location / {{ }}
+  }}
+}}
+"""
+    )
+    return conf

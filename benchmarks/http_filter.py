@@ -30,47 +30,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, machine, netmirror
+from benchmarks.common import RESULTS, machine, netmirror, nginx_conf
 from netmirror.sandbox import Sandbox
 
 POD_PORT = 80
 LOCAL_PORT = 18080
 SESSION = "benchhttp"
 HERE = Path(__file__).resolve().parent
-
-
-def nginx_conf(root: Path, listen: str) -> Path:
-    (root / "www").mkdir(parents=True, exist_ok=True)
-    (root / "www" / "index.html").write_text("netmirror benchmark " * 51 + "\n")  # 1 KiB
-    for path in (root.parent, root, root / "www"):
-        path.chmod(0o755)
-    (root / "www" / "index.html").chmod(0o644)
-    temp = "\n".join(
-        f"  {kind}_temp_path {root}/tmp-{kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    conf = root / "nginx.conf"
-    conf.write_text(
-        f"""worker_processes 1;
-daemon off;
-master_process on;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-{temp}
-  keepalive_requests 100000000;
-  keepalive_timeout 120s;
-  server {{
-    listen {listen} backlog=4096;
-    root {root}/www;
-    location / {{ }}
-  }}
-}}
-"""
-    )
-    return conf
 
 
 def wrk(url: str, seconds: int, header: str | None, connections: int = 50) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from benchmarks.common import (
     iperf_json,
     machine,
     netmirror,
+    nginx_conf,
     nofile_limit,
     open_fds,
     rss_bytes,
@@ -359,39 +360,7 @@ class Suite:
 
     def start_nginx(self, port: int) -> None:
         root = self.workdir / "nginx"
-        (root / "www").mkdir(parents=True)
-        (root / "www" / "index.html").write_text("netmirror benchmark " * 51 + "\n")  # 1 KiB
-        # nginx's workers drop to nobody: they need to read the files.
-        for path in (self.workdir, root, root / "www"):
-            path.chmod(0o755)
-        (root / "www" / "index.html").chmod(0o644)
-        temp = "\n".join(
-            f"  {kind}_temp_path {root}/tmp-{kind};"
-            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-        )
-        conf = root / "nginx.conf"
-        conf.write_text(
-            f"""worker_processes 1;
-daemon off;
-master_process on;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-{temp}
-  keepalive_requests 100000000;
-  keepalive_timeout 120s;
-  default_type text/html;
-  server {{
-    listen 127.0.0.1:{port} backlog=4096;
-    root {root}/www;
-    location / {{ }}
-  }}
-}}
-"""
-        )
+        conf = nginx_conf(root, f"127.0.0.1:{port}")
         self.procs.start(["nginx", "-p", str(root), "-e", str(root / "error.log"), "-c", str(conf)])
         self.wait_listening(port)
 

@@ -112,7 +112,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import Frame, GoAwayFrame
 
 from netmirror.http.filters import RequestHead
-from netmirror.http.relay import ORIGINAL
+from netmirror.http.relay import ORIGINAL, Close, ToClient
 
 #: How an HTTP/2 client with prior knowledge begins its connection.
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -152,28 +152,10 @@ class ToUpstream:
 
 
 @dataclass(frozen=True, slots=True)
-class ToClient:
-    """Send ``data`` to the client."""
-
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class CloseUpstream:
     """Close the connection of ``target``, after writing what was emitted for it."""
 
     target: str
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the client connection and every upstream one, after writing what was emitted.
-
-    ``reset``: abort (TCP RST) instead of an orderly close.
-    """
-
-    reason: str
-    reset: bool
 
 
 Action2: TypeAlias = OpenUpstream | ToUpstream | ToClient | CloseUpstream | Close

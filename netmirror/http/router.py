@@ -703,7 +703,7 @@ class H2Handler:
                     up.write(action.data)
                 else:
                     self.pending.setdefault(action.target, []).append(action.data)
-            elif isinstance(action, relay2.ToClient):
+            elif isinstance(action, ToClient):
                 if conn.transport is not None:
                     conn.transport.write(action.data)
             elif isinstance(action, relay2.CloseUpstream):
@@ -711,7 +711,7 @@ class H2Handler:
                 self.pending.pop(action.target, None)
                 if up is not None:
                     up.close()
-            elif isinstance(action, relay2.Close):
+            elif isinstance(action, Close):
                 self.close_upstreams()
                 conn._close(action.reset)
 
