@@ -199,7 +199,8 @@ def parse_greeting(buf: bytes) -> tuple[tuple[str, int], bytes, bytes] | str | N
     SOCKS5 (``CONNECT`` with no authentication; host names are resolved by the
     target: ``socks5h``) and HTTP proxy requests (``CONNECT host:port``, and
     ``GET http://host/...``, which is forwarded as it is: servers accept the
-    absolute form) are understood.
+    absolute form; it is sent with ``Connection: close``, so the client's next
+    request comes on a new connection) are understood.
     """
     if not buf:
         return None
@@ -224,8 +225,21 @@ def parse_greeting(buf: bytes) -> tuple[tuple[str, int], bytes, bytes] | str | N
         host, port = _host_port(authority, 80)
         if host is None:
             return f"bad proxy URL {target[:100]!r}"
-        return (host, port), b"", buf
+        # The connection is piped to this host from here on; a client that would send
+        # its next request (maybe for another host) on it is told to open a new one.
+        return (host, port), b"", _one_request(buf[: head_end + 4]) + buf[head_end + 4 :]
     return f"{method} {target[:100]!r} is not a proxy request"
+
+
+def _one_request(head: bytes) -> bytes:
+    """``head`` with ``Connection: close`` instead of any connection header."""
+    lines = head[:-4].split(b"\r\n")
+    kept = [
+        line
+        for line in lines[1:]
+        if line.split(b":", 1)[0].strip().lower() not in (b"connection", b"proxy-connection")
+    ]
+    return b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
 
 
 def _host_port(authority: str, default: int) -> tuple[str | None, int]:

@@ -89,15 +89,27 @@ def tune_tunnel_socket(sock: Any) -> None:
 
 
 def original_destination(sock: Any) -> tuple[str, int] | None:
-    """Where a redirected connection was going, from conntrack (None if not redirected)."""
+    """Where a redirected connection was going, from conntrack (None if not redirected).
+
+    conntrack also answers for a connection no rule touched: with the socket's own
+    address. That is someone connecting to our listener directly, and counts as not
+    redirected (answering it by connecting to the "original" would connect to
+    ourselves).
+    """
     try:
         if sock.family == socket.AF_INET6:
             raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        return socket.inet_ntop(socket.AF_INET, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+            host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        else:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            host = socket.inet_ntop(socket.AF_INET, raw[4:8])
+        port: int = struct.unpack_from("!H", raw, 2)[0]
+        local = sock.getsockname()
     except OSError:
         return None
+    if port == local[1] and host == local[0]:
+        return None
+    return host, port
 
 
 def abort_with_reset(transport: asyncio.Transport | None) -> None:

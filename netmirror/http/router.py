@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import OrderedDict
@@ -65,10 +66,15 @@ LINGER = 1.0
 HEAD_TIMEOUT = 5.0
 #: Seconds a keep-alive client connection may stay idle between requests.
 IDLE_TIMEOUT = 300.0
+#: Seconds connections already relayed may go on once the router stops taking new ones.
+DRAIN_TIMEOUT = 30.0
 #: Seconds a probe's answer (does the original server speak HTTP/2?) is trusted.
 H2C_PROBE_TTL = 60.0
 #: Largest first request head looked at for an h2c upgrade.
 MAX_SNIFF = 64 * 1024
+#: Bytes of a request sent to a session that are kept to give it to the original
+#: server instead if the session goes away before answering.
+MAX_KEPT_REQUEST = 1024 * 1024
 #: Idle pooled connections to the original server, per destination.
 POOL_SIZE = 32
 HIGH_WATER = 1024 * 1024
@@ -116,6 +122,7 @@ class Router:
         self.counters = Counters()
         self.pool: dict[tuple[str, int], list[Upstream]] = {}
         self._h2c: dict[tuple[str, int], tuple[float, bool]] = {}
+        self.clients: set[ClientConnection] = set()
         self._changed = asyncio.Event()
         self._firewall = IptablesNat(router_session(port), backend=backend)
 
@@ -164,12 +171,20 @@ class Router:
     ) -> None:
         session = ""
         try:
+            if not _same_user(writer):
+                # Abstract sockets have no permissions: anyone in the namespace could
+                # otherwise take requests, or have the router connect somewhere.
+                writer.write(b'{"ok": false, "error": "registrations come from agents only"}\n')
+                return
             line = await asyncio.wait_for(reader.readline(), 5)
             try:
                 request = json.loads(line)
                 session = str(request["session"])
-                address = str(request["socket"])
                 filt = HttpFilter.parse(request["filter"])
+                # Requests go only to the session's own agent socket, never elsewhere.
+                address = session_address(self.port, session)
+                if request.get("socket") != address:
+                    raise ValueError(f"the socket of session {session!r} is {address[1:]!r}")
             except (ValueError, KeyError, TypeError) as exc:
                 writer.write(
                     json.dumps({"ok": False, "error": f"bad registration: {exc}"}).encode() + b"\n"
@@ -267,13 +282,24 @@ class Router:
                     break
             reporter.cancel()
         finally:
-            # The rule first: new connections reach the original server directly.
+            # The rule first: new connections reach the original server directly. Then
+            # the name and the registry go, so a new router may start at once.
             with contextlib.suppress(NetmirrorError):
                 await asyncio.to_thread(self._firewall.teardown)
+            await asyncio.to_thread(guard.close)
+            reg_server.close()
             for listener in servers:
                 listener.close()
-            reg_server.close()
-            await asyncio.to_thread(guard.close)
+            # Connections already here (passing through to the target's server, most of
+            # them) finish rather than being cut, for a while.
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while self.clients and time.monotonic() < deadline and not stop.is_set():
+                for client in list(self.clients):
+                    if client.idle():
+                        client.abort(reset=False)  # between requests: nothing is lost
+                await asyncio.sleep(0.1)
+            for client in list(self.clients):
+                client.abort()
             log.info("router of port %d stopped", self.port)
         return 0
 
@@ -291,9 +317,14 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.backlog: list[bytes] = []
         self.closed = False
+        self.cancelled = False  # closed by us while it was still connecting
+        self._ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.cancelled:
+            self.transport.close()
+            return
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         # What was written while connecting goes first, in order.
         for chunk in self.backlog:
@@ -312,14 +343,20 @@ class Upstream(asyncio.Protocol):
             self.owner.from_upstream(self, data)
 
     def eof_received(self) -> bool:
-        if self.owner is not None:
-            self.owner.upstream_ended(self, None)
-        return False
+        owner = self.owner
+        self._end(None)
+        # A piped connection stays open for what the client still sends.
+        return isinstance(owner, ClientConnection) and owner.piping
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.owner is not None:
-            self.owner.upstream_ended(self, exc)
+        self._end(exc)
+
+    def _end(self, exc: Exception | None) -> None:
+        if not self._ended:
+            self._ended = True
+            if self.owner is not None:
+                self.owner.upstream_ended(self, exc)
 
     def pause_writing(self) -> None:
         if self.owner is not None and self.owner.transport is not None:
@@ -331,7 +368,9 @@ class Upstream(asyncio.Protocol):
 
     def close(self) -> None:
         self.owner = None
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is None:
+            self.cancelled = True  # closed as soon as it connects
+        elif not self.transport.is_closing():
             self.transport.close()
 
 
@@ -350,6 +389,8 @@ class ClientConnection(asyncio.Protocol):
         self.answered = False
         self.piping = False
         self.client_eof = False
+        self.upstream_eof = False  # the piped upstream closed its side
+        self.keep_for_fallback = True  # the request sent to a session is kept whole
         self.done = False
         self.h2: H2Handler | None = None
         # The first bytes, until they show whether this is HTTP/2 with prior knowledge.
@@ -369,6 +410,7 @@ class ClientConnection(asyncio.Protocol):
         if dst is not None:
             self.dst = dst
         self.router.counters.connections += 1
+        self.router.clients.add(self)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(HEAD_TIMEOUT, self._head_timeout)
 
@@ -383,16 +425,20 @@ class ClientConnection(asyncio.Protocol):
     def _begin_upgrade(self, upgrade: relay2.H2cUpgrade, seen: bytes, head_end: int) -> None:
         """An h2c upgrade: answered here, if the original server speaks HTTP/2."""
         assert self.transport is not None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.transport.pause_reading()
         asyncio.get_running_loop().create_task(self._upgrade(upgrade, seen, head_end))
 
     async def _upgrade(self, upgrade: relay2.H2cUpgrade, seen: bytes, head_end: int) -> None:
-        speaks_h2 = await self.router.speaks_h2c(self.dst)
+        try:
+            speaks_h2 = await self.router.speaks_h2c(self.dst)
+        except Exception as exc:  # any failure: the request goes on as HTTP/1.1
+            log.info("probing %s:%d for HTTP/2: %r", *self.dst, exc)
+            speaks_h2 = False
         if self.done or self.transport is None:
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if not speaks_h2:
             # An HTTP/1.1 server: it will answer in HTTP/1.1; route the request as such.
             self.relay.client_data(seen)
@@ -438,14 +484,6 @@ class ClientConnection(asyncio.Protocol):
         if self.piping:
             self._send_upstream(data)
             return
-        loop = asyncio.get_running_loop()
-        if self.relay.requests and (
-            self._timer is None or self._timer.when() - loop.time() < IDLE_TIMEOUT - 60
-        ):
-            # Idle from now: a keep-alive connection that says nothing for long goes.
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = loop.call_later(IDLE_TIMEOUT, self._head_timeout)
         self.relay.client_data(data)
         self._act()
 
@@ -473,9 +511,29 @@ class ClientConnection(asyncio.Protocol):
             with contextlib.suppress(OSError, RuntimeError):
                 if up.transport.can_write_eof():
                     up.transport.write_eof()
+            self._close_if_piped_out()
+
+    def _close_if_piped_out(self) -> None:
+        """Both ends of a piped connection said they are done: close it."""
+        if self.piping and self.client_eof and self.upstream_eof:
+            if self.upstream is not None:
+                self.upstream.close()
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self, *, reset: bool = True) -> None:
+        """Close the connection (the router is going away)."""
+        self._close(reset=reset)
+
+    def idle(self) -> bool:
+        """Between requests: no exchange, pipe or HTTP/2 stream in progress."""
+        if self.h2 is not None:
+            return self.h2.relay.streams == 0
+        return self.upstream is None and not self.piping and not self._first
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.done = True
+        self.router.clients.discard(self)
         if self.h2 is not None:
             self.h2.close_upstreams()
         if self._timer is not None:
@@ -518,8 +576,10 @@ class ClientConnection(asyncio.Protocol):
         if up is not self.upstream or self.done:
             return
         if self.piping:
+            self.upstream_eof = True
             if exc is None and self.transport is not None and self.transport.can_write_eof():
                 self.transport.write_eof()
+                self._close_if_piped_out()
             else:
                 abort_with_reset(self.transport)
             return
@@ -549,8 +609,13 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(action, Connect):
                 self._attach(action.target)
             elif isinstance(action, ToUpstream):
-                if self.upstream is not None and self.upstream.target != ORIGINAL:
+                up = self.upstream
+                if up is not None and up.target != ORIGINAL and self.keep_for_fallback:
                     self.sent_to_session.append(action.data)
+                    if sum(map(len, self.sent_to_session)) > MAX_KEPT_REQUEST:
+                        # Too big to keep: if this session fails, the client gets an error.
+                        self.keep_for_fallback = False
+                        self.sent_to_session.clear()
                 self._send_upstream(action.data)
             elif isinstance(action, ToClient):
                 if self.transport is not None:
@@ -572,7 +637,11 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.pause_reading()
 
     def _attach(self, target: str) -> None:
+        if self._timer is not None:  # an exchange runs: no idle timeout
+            self._timer.cancel()
+            self._timer = None
         self.answered = False
+        self.keep_for_fallback = True
         self.sent_to_session.clear()
         kept = self.kept.pop(target, None)
         if kept is not None and not kept.closed:
@@ -618,8 +687,17 @@ class ClientConnection(asyncio.Protocol):
     def _release(self, reusable: bool) -> None:
         up = self.upstream
         self.upstream = None
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.done:
+            # Back to waiting for a request: a keep-alive connection idle for long goes.
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(IDLE_TIMEOUT, self._head_timeout)
         if up is None:
             return
+        if up.transport is not None:
+            # It may have been paused for a slow client: the next user must read it.
+            up.transport.resume_reading()
         if not reusable or up.closed:
             up.close()
             return
@@ -734,6 +812,17 @@ class H2Handler:
             self.conn.router.counters.errors += 1
             self.upstream_ended(up, exc)
             return
+
+
+def _same_user(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer of a unix connection runs as root or as this process's user."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return False
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
 
 
 def _may_be_request(data: bytes) -> bool:

@@ -87,7 +87,8 @@ class HttpShare:
         self._closing = True
         if self._keeper is not None:
             self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # Whatever ended the keeper, closing goes on.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._keeper
         if self._writer is not None:
             self._writer.close()
@@ -107,26 +108,39 @@ class HttpShare:
                 await self._start_router()
                 continue
             reader, writer = await asyncio.open_unix_connection(sock=sock)
-            request = {
-                "session": self.session,
-                "filter": self.filter_json,
-                "socket": session_address(self.port, self.session),
-            }
-            writer.write(json.dumps(request).encode() + b"\n")
-            await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), 10)
             try:
-                answer = json.loads(line)
-            except ValueError:
-                answer = {"ok": False, "error": "the router closed the registration"}
+                answer = await self._ask(reader, writer)
+            except BaseException:
+                writer.close()  # an orphan registration would block this session's name
+                raise
             if not answer.get("ok"):
                 writer.close()
                 raise AgentError(f"port {self.port}: {answer.get('error')}")
-            self.order = int(answer.get("order", 0))
+            order = answer.get("order")
+            self.order = order if isinstance(order, int) else 0
             self._writer = writer
             log.info("port %d: HTTP filter registered (place %d)", self.port, self.order)
             return reader
         raise AgentError(f"cannot reach the HTTP router of port {self.port}: {last}")
+
+    async def _ask(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> dict[str, Any]:
+        request = {
+            "session": self.session,
+            "filter": self.filter_json,
+            "socket": session_address(self.port, self.session),
+        }
+        writer.write(json.dumps(request).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 10)
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            return {"ok": False, "error": "the router closed the registration"}
+        return answer
 
     async def _start_router(self) -> None:
         env = dict(os.environ)

@@ -6,8 +6,10 @@ every answer names who gave it. Two sessions filter the same port by a header.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -438,3 +440,60 @@ def _h2_requests(host: str, port: int, devs: list[str]) -> list[str]:
                     ended.add(event.stream_id)
             sock.sendall(conn.data_to_send())
     return [bodies[stream].decode().strip() for stream in ids]
+
+
+def _router_pid() -> int:
+    pids = subprocess.run(
+        ["pgrep", "-f", f"netmirror.http.router --port {PORT}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    assert len(pids) == 1, pids
+    return int(pids[0])
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_finished_websockets_and_pipes_leave_no_open_sockets(shared: Shared) -> None:
+    router = _router_pid()
+    before = _open_fds(router)
+    async with aiohttp.ClientSession() as http:
+        for i in range(20):
+            headers = {"x-dev": "a"} if i % 2 else {}
+            async with http.ws_connect(shared.url + "/ws", headers=headers) as ws:
+                await ws.send_str("hi")
+                await ws.receive_str()
+    deadline = time.monotonic() + 5
+    # A leak would be one or two descriptors per connection: 20 to 40.
+    while _open_fds(router) > before + 4 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.1)
+    assert _open_fds(router) <= before + 4
+
+
+def test_only_agents_may_register_with_the_router(env: Env, shared: Shared) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux) to act as another user")
+    script = (
+        "import json, socket\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect('\\0netmirror-http/{PORT}')\n"
+        "s.sendall(json.dumps({'session': 'evil', 'filter': {'path': '/'},"
+        " 'socket': '/var/run/docker.sock'}).encode() + b'\\n')\n"
+        "print(s.recv(1000).decode())\n"
+    )
+    res = env.sandbox.run(
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        sys.executable,
+        "-c",
+        script,
+    )
+    assert "agents only" in res.stdout, (res.stdout, res.stderr)
+    # Requests still go where they went.
+    assert who(curl(shared.url + "/")) == "pod"
+    assert who(curl("-H", "x-dev: a", shared.url + "/")) == "local-a"

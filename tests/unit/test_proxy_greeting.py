@@ -66,11 +66,23 @@ def test_http_connect_ipv6_and_default_port() -> None:
     assert result[0] == ("fd00::1", 443)
 
 
-def test_absolute_form_request_is_forwarded_whole() -> None:
-    head = b"GET http://orders:8000/list?x=1 HTTP/1.1\r\nHost: orders:8000\r\n\r\n"
-    assert parse_greeting(head) == (("orders", 8000), b"", head)
-    head = b"POST http://user@api/ HTTP/1.1\r\n\r\nbody"
-    assert parse_greeting(head) == (("api", 80), b"", head)
+def test_absolute_form_request_is_forwarded_for_one_request() -> None:
+    head = (
+        b"GET http://orders:8000/list?x=1 HTTP/1.1\r\nHost: orders:8000\r\n"
+        b"Proxy-Connection: keep-alive\r\nConnection: keep-alive\r\nAccept: */*\r\n\r\n"
+    )
+    assert parse_greeting(head) == (
+        ("orders", 8000),
+        b"",
+        b"GET http://orders:8000/list?x=1 HTTP/1.1\r\nHost: orders:8000\r\n"
+        b"Accept: */*\r\nConnection: close\r\n\r\n",
+    )
+    head = b"POST http://user@api/ HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
+    assert parse_greeting(head) == (
+        ("api", 80),
+        b"",
+        b"POST http://user@api/ HTTP/1.1\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbody",
+    )
 
 
 @pytest.mark.parametrize(
