@@ -4,7 +4,10 @@
    service (v1) on port 8080;
 2. a "new version" (v2) runs on this machine, on 127.0.0.1:18080;
 3. ``netmirror up --steal 8080:18080``: requests to the pod now reach v2;
-4. ``netmirror status``, then ``netmirror down``: the pod answers again.
+4. ``netmirror status``, then ``netmirror down``: the pod answers again;
+5. ``--http-header``: only requests carrying your header come to v2;
+6. ``netmirror exec``: a local command with the pod's environment, reaching a
+   service only the pod can reach, by a name only the pod knows.
 
 Everything is removed at the end, also on Ctrl-C or an error.
 """
@@ -15,17 +18,22 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from netmirror.sandbox import Sandbox
 
 POD_PORT = 8080
 LOCAL_PORT = 18080
 SESSION = "demo"
+PRIVATE_IP = "10.77.0.1"
+PRIVATE_PORT = 9000
+ETC = Path("/etc/netns/nm-demo")
 BOLD = "\x1b[1m" if sys.stdout.isatty() else ""
 RESET = "\x1b[0m" if sys.stdout.isatty() else ""
 
@@ -96,6 +104,8 @@ def demo() -> int:
         procs.append(
             start_server(
                 box.cmd(
+                    "env",
+                    f"ORDERS_URL=http://orders.internal:{PRIVATE_PORT}/",
                     *serve,
                     "--port",
                     str(POD_PORT),
@@ -103,6 +113,24 @@ def demo() -> int:
                     "0.0.0.0",
                     "--text",
                     "hello from the deployed pod (v1)",
+                )
+            )
+        )
+        # A service only the pod reaches (an address this machine has no route to),
+        # under a name only the pod's hosts file knows.
+        run(*box.cmd("ip", "addr", "add", f"{PRIVATE_IP}/32", "dev", "lo"))
+        ETC.mkdir(parents=True, exist_ok=True)
+        (ETC / "hosts").write_text(f"127.0.0.1 localhost\n{PRIVATE_IP} orders.internal\n")
+        procs.append(
+            start_server(
+                box.cmd(
+                    *serve,
+                    "--port",
+                    str(PRIVATE_PORT),
+                    "--host",
+                    PRIVATE_IP,
+                    "--text",
+                    "orders service, reachable only from inside the pod",
                 )
             )
         )
@@ -154,7 +182,31 @@ def demo() -> int:
             box.cmd("iptables-save"), capture_output=True, text=True, check=False
         ).stdout
         print("netmirror rules left in the pod:", "none" if "NETMIRROR" not in left else left)
-        say("Done: the pod answers itself again")
+
+        say("Steal only the requests that carry your header; the rest stay with the pod")
+        netmirror(
+            "up",
+            "--target",
+            box.target,
+            "--steal",
+            f"{POD_PORT}:{LOCAL_PORT}",
+            "--http-header",
+            "^x-dev: me$",
+            "--session",
+            SESSION,
+        )
+        run("curl", "-sS", "-m", "5", url)
+        run("curl", "-sS", "-m", "5", "-H", "x-dev: me", url)
+        netmirror("down", "--session", SESSION)
+
+        say("Run a local command as if inside the pod: its environment, its network, its names")
+        script = 'echo "ORDERS_URL=$ORDERS_URL"; curl -sS -m 5 "$ORDERS_URL"'
+        print(
+            f"(orders.internal is {PRIVATE_IP}, an address only the pod has: this machine "
+            "neither reaches it nor knows the name)"
+        )
+        netmirror("exec", "--target", box.target, "--session", SESSION, "--", "sh", "-c", script)
+        say("Done: the pod answers itself again, and nothing of netmirror is left")
         return 0
     except KeyboardInterrupt:
         print("\ninterrupted: cleaning up", file=sys.stderr)
@@ -171,6 +223,7 @@ def demo() -> int:
             proc.kill()
             proc.wait()
         box.destroy()
+        shutil.rmtree(ETC, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -792,6 +792,24 @@ class H2Handler:
             elif isinstance(action, Close):
                 self.close_upstreams()
                 conn._close(action.reset)
+        self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        """No stream for IDLE_TIMEOUT seconds: the connection is closed."""
+        conn = self.conn
+        if conn.done:
+            return
+        if conn._timer is not None:
+            conn._timer.cancel()
+            conn._timer = None
+        if self.relay.streams == 0:
+            loop = asyncio.get_running_loop()
+            conn._timer = loop.call_later(IDLE_TIMEOUT, self._idle)
+
+    def _idle(self) -> None:
+        if self.relay.streams == 0 and not self.conn.done:
+            self.close_upstreams()
+            self.conn._close(False)
 
     def _open(self, target: str) -> None:
         old = self.ups.pop(target, None)
