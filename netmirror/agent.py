@@ -51,10 +51,10 @@ from netmirror.protocol import events as ev
 from netmirror.target_info import find_target_pid, read_environment, resolver_dirs
 from netmirror.tasks import TaskSet, raise_fd_limit
 from netmirror.tunnel import (
+    OpeningBridge,
     PortStats,
     StreamBridge,
     Tunnel,
-    abort_with_reset,
     original_destination,
     tune_tunnel_socket,
 )
@@ -121,7 +121,7 @@ class Subscription:
             asyncio.get_running_loop().create_task(share.close())
 
 
-class InboundBridge(StreamBridge):
+class InboundBridge(OpeningBridge):
     """A connection the REDIRECT rule sent to us: becomes a stream to the daemon.
 
     ``dst`` is given for connections the HTTP router hands over (on a unix socket,
@@ -132,10 +132,10 @@ class InboundBridge(StreamBridge):
         self.agent = agent
         self.sub = sub
         self.dst = dst
-        self._refused = False
         tunnel = agent.tunnel
         if tunnel is None:
             self._refused = True
+            self.stats = sub.stats
             return
         super().__init__(tunnel, sub.stats, inbound=False)
 
@@ -156,41 +156,12 @@ class InboundBridge(StreamBridge):
             transport.set_protocol(relay)
             relay.connection_made(transport)
             return
-        sock = transport.get_extra_info("socket")
-        dst = self.dst or original_destination(sock)
+        dst = self.dst or original_destination(transport.get_extra_info("socket"))
         if dst is None:
             # Not redirected: someone connected to our listening port directly.
-            self._refused = True
-            abort_with_reset(transport)
+            self.refuse(transport)
             return
-        peer = transport.get_extra_info("peername") or ("", 0)
-        if not isinstance(peer, tuple):
-            peer = ("http-router", 0)  # a unix socket's peer has no address
-        try:
-            self.stream_id = tunnel.conn.open_stream(
-                port=self.sub.port, original_dst=dst, client=(str(peer[0]), int(peer[1]))
-            )
-        except ProtocolError as exc:  # the tunnel is closing, or out of stream ids
-            self.sub.stats.error(f"cannot open a stream: {exc}")
-            self._refused = True
-            abort_with_reset(transport)
-            return
-        tunnel.attach(self)
-        super().connection_made(transport)
-        tunnel.kick()
-
-    def data_received(self, data: bytes) -> None:
-        if not self._refused:
-            super().data_received(data)
-
-    def eof_received(self) -> bool:
-        if self._refused:
-            return False
-        return super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._refused:
-            super().connection_lost(exc)
+        self.open_stream(tunnel, transport, port=self.sub.port, dst=dst)
 
 
 class OutboundBridge(StreamBridge):

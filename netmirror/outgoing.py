@@ -23,10 +23,10 @@ from typing import Any, cast
 
 from netmirror import dns
 from netmirror.config import OutgoingConfig
-from netmirror.errors import NetmirrorError, ProtocolError
+from netmirror.errors import NetmirrorError
 from netmirror.firewall import Guard, detect_backend
 from netmirror.firewall.outgoing import OutgoingNat, OutgoingRules
-from netmirror.tunnel import PortStats, StreamBridge, Tunnel, abort_with_reset, original_destination
+from netmirror.tunnel import OpeningBridge, PortStats, Tunnel, original_destination
 
 log = logging.getLogger(__name__)
 
@@ -127,21 +127,19 @@ class Cgroup:
 # --- TCP ------------------------------------------------------------------------------
 
 
-class OutgoingBridge(StreamBridge):
+class OutgoingBridge(OpeningBridge):
     """A connection of the command, redirected here: becomes a stream the agent connects."""
 
     def __init__(self, tunnel_of: Callable[[], Tunnel | None], stats: PortStats) -> None:
         self._tunnel_of = tunnel_of
-        self._refused = False
-        self._stats = stats
+        self.stats = stats
         self._greeting: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         dst = original_destination(transport.get_extra_info("socket"))
         if dst is None:
-            self._refused = True  # not redirected: someone connected to us directly
-            abort_with_reset(transport)
+            self.refuse(transport)  # not redirected: someone connected to us directly
             return
         self._open(transport, dst)
 
@@ -150,38 +148,10 @@ class OutgoingBridge(StreamBridge):
         tunnel = self._tunnel_of()
         if tunnel is None:
             # No agent right now (the tunnel is reconnecting).
-            self._refused = True
-            self._stats.error("no tunnel to the agent: connection reset")
-            abort_with_reset(transport)
+            self.refuse(transport, "no tunnel to the agent: connection reset")
             return
-        super().__init__(tunnel, self._stats, inbound=False)
-        peer = transport.get_extra_info("peername") or ("", 0)
-        try:
-            self.stream_id = tunnel.conn.open_stream(
-                port=0,
-                original_dst=dst,
-                client=(str(peer[0]), int(peer[1])),
-                info={"kind": "connect"},
-            )
-        except ProtocolError as exc:
-            self._refused = True
-            self._stats.error(f"cannot open a stream: {exc}")
-            abort_with_reset(transport)
-            return
-        tunnel.attach(self)
-        super().connection_made(transport)
-        tunnel.kick()
-
-    def data_received(self, data: bytes) -> None:
-        if not self._refused:
-            super().data_received(data)
-
-    def eof_received(self) -> bool:
-        return False if self._refused else super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._refused:
-            super().connection_lost(exc)
+        super().__init__(tunnel, self.stats, inbound=False)
+        self.open_stream(tunnel, transport, port=0, dst=dst, info={"kind": "connect"})
 
 
 # --- proxy (where transparent redirection is impossible) ----------------------------
@@ -315,7 +285,7 @@ class ProxyBridge(OutgoingBridge):
             log.info("proxy client refused: %s", parsed)
             self._refused = True
             self._greeting = None
-            self._stats.error(parsed)
+            self.stats.error(parsed)
             self._transport.close()
             return
         dst, reply, rest = parsed

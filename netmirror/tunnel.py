@@ -356,6 +356,58 @@ class StreamBridge(asyncio.Protocol):
             self.transport.close()
 
 
+class OpeningBridge(StreamBridge):
+    """A socket accepted here that opens a stream of its own, or is refused with RST.
+
+    Subclasses decide where the stream goes and call :meth:`open_stream`; until then
+    (and for good once refused) nothing of the socket reaches the tunnel.
+    """
+
+    _refused = False
+
+    def refuse(self, transport: asyncio.Transport, error: str = "") -> None:
+        """Reset the client: there is no stream for it."""
+        self._refused = True
+        if error:
+            self.stats.error(error)
+        abort_with_reset(transport)
+
+    def open_stream(
+        self,
+        tunnel: Tunnel,
+        transport: asyncio.Transport,
+        *,
+        port: int,
+        dst: tuple[str, int],
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        """Announce the stream to the peer and start relaying ``transport``."""
+        peer = transport.get_extra_info("peername") or ("", 0)
+        if not isinstance(peer, tuple):
+            peer = ("local", 0)  # a unix socket's peer has no address
+        try:
+            self.stream_id = tunnel.conn.open_stream(
+                port=port, original_dst=dst, client=(str(peer[0]), int(peer[1])), info=info
+            )
+        except ProtocolError as exc:  # the tunnel is closing, or out of stream ids
+            self.refuse(transport, f"cannot open a stream: {exc}")
+            return
+        tunnel.attach(self)
+        super().connection_made(transport)
+        tunnel.kick()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        return False if self._refused else super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._refused:
+            super().connection_lost(exc)
+
+
 @dataclass
 class _Waiters:
     paused: set[Endpoint] = field(default_factory=set)
