@@ -49,7 +49,7 @@ from netmirror.mirror import CaptureMirror, MirrorCounters, PassthroughBridge
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
 from netmirror.target_info import find_target_pid, read_environment, resolver_dirs
-from netmirror.tasks import TaskSet, raise_fd_limit
+from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
 from netmirror.tunnel import (
     OpeningBridge,
     PortStats,
@@ -726,6 +726,7 @@ def run(options: AgentOptions) -> int:
     firewall: IptablesNat | None = None
     listen_sock: socket.socket | None = None
     raise_fd_limit()
+    keep_heap_mapped()
     try:
         kind, _, where = options.listen.partition(":")
         if kind == "tcp":

@@ -31,7 +31,7 @@ from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
 from netmirror.state import SessionDir, SessionRecord, pid_alive, pid_start
 from netmirror.targets import AgentHandle, AgentSettings, resolve_target
-from netmirror.tasks import TaskSet, raise_fd_limit
+from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
 from netmirror.tunnel import PortStats, StreamBridge, Tunnel, tune_tunnel_socket
 
 log = logging.getLogger(__name__)
@@ -575,6 +575,7 @@ def run(session: str, *, ready_fd: int | None, debug: bool = False) -> int:
         progress.send(error=f"cannot read the session: {exc}")
         return 1
     raise_fd_limit()
+    keep_heap_mapped()
     record.daemon_pid = os.getpid()
     record.daemon_start = pid_start(os.getpid()) or 0
     sdir.write(record)

@@ -150,7 +150,7 @@ class MirrorCopy:
 
     # --- tunnel side (the Endpoint interface) ----------------------------------
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         """The daemon sends nothing on a copy; anything it does is ignored."""
 
     def on_credit(self) -> None:
@@ -217,7 +217,7 @@ class PcapStream:
             self.tunnel.kick()
             self.tunnel.forget(self)
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         pass
 
     def on_credit(self) -> None:

@@ -33,7 +33,7 @@ class PcapWriter:
         self.full = False
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Bytes of the record stream; only whole records reach the file."""
         if self.full or self._file is None:
             return
@@ -89,7 +89,7 @@ class PcapSink:
         self.writer = writer
         writer.restart_stream()
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         self.writer.feed(data)
         self.tunnel.conn.grant(self.stream_id, len(data))
         self.tunnel.kick()

@@ -63,3 +63,33 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):
             log.debug("cannot raise the open-files limit above %d", soft)
     return soft
+
+
+#: glibc's mallopt() parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: Allocations below this come from the heap, not from a mapping of their own.
+HEAP_MMAP_THRESHOLD = 8 * 1024 * 1024
+#: Free memory the heap keeps mapped before it gives any back to the kernel.
+HEAP_TRIM_THRESHOLD = 32 * 1024 * 1024
+
+
+def keep_heap_mapped() -> bool:
+    """Keep freed buffers mapped, so the data path reuses memory instead of faulting.
+
+    Relaying allocates a buffer of up to a few hundred KiB per chunk. By default glibc
+    serves those with mmap()/munmap() or grows and trims the heap around them, and
+    every chunk then pays for fresh zeroed pages: profiles showed page faults as the
+    largest single cost of a bulk transfer. Returns False where this is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD))
+    return bool(mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD)) and ok

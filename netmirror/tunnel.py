@@ -131,7 +131,7 @@ class Endpoint(Protocol):
     stream_id: int
     stats: PortStats
 
-    def on_data(self, data: bytes) -> None: ...
+    def on_data(self, data: bytes | memoryview) -> None: ...
     def on_credit(self) -> None: ...
     def on_half_closed(self) -> None: ...
     def on_reset(self, reason: str) -> None: ...
@@ -165,7 +165,7 @@ class StreamBridge(asyncio.Protocol):
         self._inbound = inbound
         self.transport: asyncio.Transport | None = None
         self._backlog: memoryview | None = None
-        self._pending_writes: list[bytes] = []
+        self._pending_writes: list[bytes | memoryview] = []
         self._eof_from_socket = False
         self._eof_sent = False
         self._eof_from_tunnel = False
@@ -250,7 +250,7 @@ class StreamBridge(asyncio.Protocol):
 
     # --- tunnel side -----------------------------------------------------------
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         """Bytes that came through the tunnel for this socket."""
         if self._inbound:
             self.stats.bytes_in += len(data)
@@ -261,7 +261,7 @@ class StreamBridge(asyncio.Protocol):
             return
         self._write(data)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | memoryview) -> None:
         assert self.transport is not None
         if self.transport.is_closing():
             return
@@ -568,17 +568,12 @@ class Tunnel:
         while True:
             await wakeup.wait()
             wakeup.clear()
-            data = conn.data_to_send()
-            if data:
-                try:
-                    if len(data) <= WS_MESSAGE_SIZE:
-                        await ws.send_bytes(data)
-                    else:
-                        for start in range(0, len(data), WS_MESSAGE_SIZE):
-                            await ws.send_bytes(data[start : start + WS_MESSAGE_SIZE])
-                except (ConnectionError, RuntimeError) as exc:
-                    log.debug("websocket send failed: %r", exc)
-                    return
+            try:
+                for message in conn.messages_to_send(WS_MESSAGE_SIZE):
+                    await ws.send_bytes(message)
+            except (ConnectionError, RuntimeError) as exc:
+                log.debug("websocket send failed: %r", exc)
+                return
             if self._waiters.paused and conn.pending_output < OUTPUT_HIGH_WATER // 2:
                 paused, self._waiters.paused = self._waiters.paused, set()
                 for bridge in paused:

@@ -53,6 +53,7 @@ from netmirror.http.relay import (
     ToClient,
     ToUpstream,
 )
+from netmirror.tasks import keep_heap_mapped, raise_fd_limit
 from netmirror.tunnel import abort_with_reset, original_destination
 
 log = logging.getLogger(__name__)
@@ -924,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_IN_USE
     registry.listen(64)
     registry.setblocking(False)
+    raise_fd_limit()
+    keep_heap_mapped()
     # Own session: signals to the agent that started us are not for us.
     with contextlib.suppress(OSError):
         os.setsid()

@@ -40,6 +40,8 @@ from netmirror.protocol.frames import (
 )
 
 MODES = ("steal", "mirror")
+#: A received DATA payload of at least 1/ZERO_COPY_SHARE of its message is not copied.
+ZERO_COPY_SHARE = 4
 MAX_REASON = 1024
 
 #: What the daemon may ask the agent with a REQUEST, besides streams and ports.
@@ -137,6 +139,8 @@ class Connection:
         self._need = 0  # bytes the buffered, incomplete frame needs in all
         self._out: list[bytes | memoryview] = []
         self._out_size = 0
+        # The size of each queued frame, in order (a frame is one or more chunks).
+        self._out_frames: list[int] = []
         self._events: list[ev.Event] = []
         self._streams: dict[int, _Stream] = {}
         # Our own ids: odd for the agent, even for the daemon.
@@ -171,8 +175,43 @@ class Connection:
             return b""
         data = b"".join(self._out)
         self._out.clear()
+        self._out_frames.clear()
         self._out_size = 0
         return data
+
+    def messages_to_send(self, size: int) -> list[bytes]:
+        """All bytes queued for the peer, cut into messages on frame boundaries.
+
+        Each message holds whole frames and at most ``size`` bytes, unless one frame
+        alone is larger. A peer that receives messages cut like this finds every
+        frame inside one message and can hand out payloads without copying them.
+        """
+        if self._out_size <= size:
+            data = self.data_to_send()
+            return [data] if data else []
+        chunks = self._out
+        messages: list[bytes] = []
+        batch: list[bytes | memoryview] = []
+        batch_size = 0
+        index = 0
+        for frame_size in self._out_frames:
+            if batch and batch_size + frame_size > size:
+                messages.append(b"".join(batch))
+                batch = []
+                batch_size = 0
+            taken = 0
+            while taken < frame_size:
+                chunk = chunks[index]
+                index += 1
+                batch.append(chunk)
+                taken += len(chunk)
+            batch_size += frame_size
+        if batch:
+            messages.append(b"".join(batch))
+        chunks.clear()
+        self._out_frames.clear()
+        self._out_size = 0
+        return messages
 
     @property
     def pending_output(self) -> int:
@@ -185,9 +224,13 @@ class Connection:
         return events
 
     def _queue(self, *chunks: bytes | memoryview) -> None:
+        """Queue one frame, given as one or more chunks."""
+        size = 0
         for chunk in chunks:
             self._out.append(chunk)
-            self._out_size += len(chunk)
+            size += len(chunk)
+        self._out_size += size
+        self._out_frames.append(size)
 
     def _send_json(self, ftype: FrameType, stream_id: int, body: dict[str, Any]) -> None:
         self._queue(encode_json(ftype, stream_id, body))
@@ -244,10 +287,13 @@ class Connection:
             view = memoryview(view[:size].tobytes())
         step = self._peer_max_frame
         pack = HEADER.pack
+        out = self._out
+        frames = self._out_frames
         for start in range(0, size, step):
             chunk = view[start : min(start + step, size)]
-            self._out.append(pack(FrameType.DATA, stream_id, len(chunk)))
-            self._out.append(chunk)
+            out.append(pack(FrameType.DATA, stream_id, len(chunk)))
+            out.append(chunk)
+            frames.append(HEADER_SIZE + len(chunk))
         self._out_size += size + HEADER_SIZE * ((size + step - 1) // step)
         stream.send_window -= size
         return size
@@ -421,6 +467,10 @@ class Connection:
             buf.clear()
         else:
             view = memoryview(data)
+        # A large payload of an immutable message is handed out as a view of it (no
+        # copy); smaller ones are copied, so a view never pins a message more than
+        # ZERO_COPY_SHARE times its own size.
+        zero_copy = len(view) // ZERO_COPY_SHARE if view.readonly else -1
         self._need = 0
         total = len(view)
         offset = 0
@@ -455,7 +505,7 @@ class Connection:
             payload = view[offset + HEADER_SIZE : end]
             offset = end
             if ftype == FrameType.DATA:
-                self._on_data(stream_id, payload)
+                self._on_data(stream_id, payload, 0 <= zero_copy <= length)
             else:
                 self._on_frame(ftype, stream_id, bytes(payload))
                 if self.state is State.CLOSED:
@@ -463,7 +513,7 @@ class Connection:
         if offset < total:
             buf += view[offset:]
 
-    def _on_data(self, stream_id: int, payload: memoryview) -> None:
+    def _on_data(self, stream_id: int, payload: memoryview, share: bool) -> None:
         if self.state is not State.OPEN:
             raise ProtocolError("DATA before the handshake")
         stream = self._streams.get(stream_id)
@@ -478,7 +528,7 @@ class Connection:
                 f"stream {stream_id} sent {size} bytes with a window of {stream.recv_window}"
             )
         stream.recv_window -= size
-        self._events.append(ev.DataReceived(stream_id, payload.tobytes()))
+        self._events.append(ev.DataReceived(stream_id, payload if share else payload.tobytes()))
 
     def _check_known(self, stream_id: int, what: str) -> None:
         """Frames for a stream that was once open are late, not wrong."""

@@ -67,10 +67,13 @@ class StreamOpened:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Bytes of a stream; grant them back with ``Connection.grant`` once consumed."""
+    """Bytes of a stream; grant them back with ``Connection.grant`` once consumed.
+
+    Large payloads are a read-only view into the received message, not a copy.
+    """
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,9 +86,7 @@ def test_reply_too_large_becomes_an_error() -> None:
     rid = daemon.request("environ")
     pump(daemon, agent)
     agent.reply(rid, {"env": {"BIG": "x" * 10000}})
-    assert pump(agent, daemon) == [
-        ReplyReceived(rid, False, {}, "the answer is too large to send")
-    ]
+    assert pump(agent, daemon) == [ReplyReceived(rid, False, {}, "the answer is too large to send")]
 
 
 @pytest.mark.parametrize(
