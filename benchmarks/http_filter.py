@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, machine, netmirror, nginx_conf
+from benchmarks.common import RESULTS, machine, netmirror, nginx_conf, wait_port
 from netmirror.sandbox import Sandbox
 
 POD_PORT = 80
@@ -82,9 +82,11 @@ def main() -> int:
         pod_conf = nginx_conf(workdir / "pod", f"0.0.0.0:{POD_PORT}")
         local_conf = nginx_conf(workdir / "local", f"127.0.0.1:{LOCAL_PORT}")
         procs.append(box.popen("nginx", "-p", str(pod_conf.parent), "-c", str(pod_conf)))
+        wait_port(box.pod_ip, POD_PORT, proc=procs[-1])
         procs.append(
             subprocess.Popen(["nginx", "-p", str(local_conf.parent), "-c", str(local_conf)])
         )
+        wait_port("127.0.0.1", LOCAL_PORT, proc=procs[-1])
         url = f"http://{box.pod_ip}:{POD_PORT}/index.html"
         wrk(url, 1, None)  # warm up, and check nginx answers
         for _ in range(args.rounds):

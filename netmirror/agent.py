@@ -24,12 +24,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
 from netmirror import __version__
-from netmirror.dns import ResolverConfig, TargetResolver
 from netmirror.errors import AgentError, NetmirrorError, PortInUseError, ProtocolError
 from netmirror.firewall import (
     AGENT_MARK,
@@ -40,11 +39,9 @@ from netmirror.firewall import (
     clear_stale,
     detect_backend,
     list_sessions,
+    router_session,
     session_alive,
 )
-from netmirror.http.filters import HttpFilter
-from netmirror.http.router import router_session
-from netmirror.http.share import HttpShare
 from netmirror.mirror import CaptureMirror, MirrorCounters, PassthroughBridge
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
@@ -58,6 +55,10 @@ from netmirror.tunnel import (
     original_destination,
     tune_tunnel_socket,
 )
+
+if TYPE_CHECKING:  # loaded on first use: a plain steal needs neither DNS nor HTTP parsing
+    from netmirror.dns import TargetResolver
+    from netmirror.http.share import HttpShare
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +375,8 @@ class Agent:
 
     def resolver(self) -> TargetResolver:
         """The target's resolver; its files are read again every few seconds."""
+        from netmirror.dns import ResolverConfig, TargetResolver
+
         now = time.monotonic()
         if self._resolver is None or now - self._resolver[0] > RESOLVER_REFRESH:
             dirs = resolver_dirs(self.options.netns, self.options.target_pid)
@@ -513,6 +516,9 @@ class Agent:
 
     async def _share(self, port: int, filter_json: Any) -> Subscription:
         """Steal the requests of ``port`` that match a filter, through the port's router."""
+        from netmirror.http.filters import HttpFilter
+        from netmirror.http.share import HttpShare
+
         try:
             HttpFilter.parse(filter_json)
         except ValueError as exc:

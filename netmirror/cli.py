@@ -15,10 +15,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from netmirror import __version__
-from netmirror.config import Config, Overrides, build_config, json_schema, load_file, parse_config
 from netmirror.errors import CommandError, ConfigError, NetmirrorError, SessionError
 from netmirror.protocol.connection import token_sha256
 from netmirror.state import (
@@ -28,6 +27,9 @@ from netmirror.state import (
     pid_alive,
     pid_start,
 )
+
+if TYPE_CHECKING:  # the config models (pydantic) load only for commands that need them
+    from netmirror.config import Config
 
 SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 CONTROL_TIMEOUT = 3.0
@@ -125,6 +127,8 @@ def _default_session_name(target: str, taken: set[str]) -> str:
 
 def _config(args: argparse.Namespace, **more: Any) -> Config:
     """The session's config: file < NETMIRROR_* variables < flags."""
+    from netmirror.config import Overrides, build_config
+
     config = build_config(
         file=Path(args.config) if args.config else None,
         env=os.environ,
@@ -618,6 +622,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from netmirror.config import json_schema, load_file, parse_config
+
     if args.config_command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0

@@ -17,15 +17,13 @@ import secrets
 import signal
 import time
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import aiohttp
 
 from netmirror import __version__
 from netmirror.config import Config, PortConfig
 from netmirror.errors import AgentError, NetmirrorError, ProtocolError
-from netmirror.http.filters import describe_filter
-from netmirror.outgoing import Outgoing
 from netmirror.pcapfile import PcapSink, PcapWriter
 from netmirror.protocol import Connection, Limits, Role
 from netmirror.protocol import events as ev
@@ -33,6 +31,9 @@ from netmirror.state import SessionDir, SessionRecord, pid_alive, pid_start
 from netmirror.targets import AgentHandle, AgentSettings, resolve_target
 from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
 from netmirror.tunnel import PortStats, StreamBridge, Tunnel, tune_tunnel_socket
+
+if TYPE_CHECKING:  # loaded by `netmirror exec` only
+    from netmirror.outgoing import Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,8 @@ class Daemon:
             result["env_error"] = str(exc) or "no answer"
         if self.config.outgoing.enabled:
             self.progress.step("sending the command's outgoing traffic through the target")
+            from netmirror.outgoing import Outgoing
+
             self.outgoing = Outgoing(
                 self.record.name,
                 self.config.outgoing,
@@ -367,6 +370,8 @@ class Daemon:
             if port.remote in self.stats:
                 entry.update(self.stats[port.remote].as_dict())
             if port.http_filter is not None:
+                from netmirror.http.filters import describe_filter
+
                 shared = self.agent_stats.get("ports", {}).get(str(port.remote), {})
                 entry["http"] = {
                     "filter": describe_filter(port.http_filter),

@@ -15,8 +15,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
-from netmirror.config import EnvConfig
+if TYPE_CHECKING:
+    from netmirror.config import EnvConfig
 
 __all__ = ["describe_merge", "merge_environment", "parse_environ"]
 

@@ -22,6 +22,7 @@ from netmirror.firewall.iptables import (
     list_sessions,
     parse_sessions,
     render_chain,
+    router_session,
     tables_in_use,
     validate_session,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "list_sessions",
     "parse_sessions",
     "render_chain",
+    "router_session",
     "session_alive",
     "tables_in_use",
     "validate_session",

@@ -167,6 +167,11 @@ def validate_session(session: str) -> str:
     return session
 
 
+def router_session(port: int) -> str:
+    """The steal-chain session name of the HTTP router of ``port``."""
+    return f"http-{port}"
+
+
 def chain_name(session: str) -> str:
     """Return the iptables chain of ``session``: ``"NETMIRROR-" + session``.
 

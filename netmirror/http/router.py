@@ -40,7 +40,7 @@ from typing import Any, cast
 import h11
 
 from netmirror.errors import NetmirrorError
-from netmirror.firewall import AGENT_MARK, Backend, Guard, IptablesNat, Redirect
+from netmirror.firewall import AGENT_MARK, Backend, Guard, IptablesNat, Redirect, router_session
 from netmirror.http import relay2
 from netmirror.http.filters import HttpFilter, RequestHead
 from netmirror.http.relay import (
@@ -89,11 +89,6 @@ def registry_address(port: int) -> str:
 def session_address(port: int, session: str) -> str:
     """Where the agent of ``session`` takes the requests routed to it."""
     return f"\0netmirror-http/{port}/{session}"
-
-
-def router_session(port: int) -> str:
-    """The steal-chain session name of the router of ``port``."""
-    return f"http-{port}"
 
 
 @dataclass
