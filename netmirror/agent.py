@@ -48,6 +48,7 @@ from netmirror.protocol import events as ev
 from netmirror.target_info import find_target_pid, read_environment, resolver_dirs
 from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
 from netmirror.tunnel import (
+    WS_MAX_MESSAGE,
     OpeningBridge,
     PortStats,
     StreamBridge,
@@ -255,7 +256,7 @@ class Agent:
     async def handle_tunnel(self, request: web.Request) -> web.StreamResponse:
         if self._stop.is_set():
             raise web.HTTPServiceUnavailable(text="the agent is stopping")
-        ws = web.WebSocketResponse(max_msg_size=16 * 1024 * 1024, heartbeat=WS_HEARTBEAT)
+        ws = web.WebSocketResponse(max_msg_size=WS_MAX_MESSAGE, heartbeat=WS_HEARTBEAT)
         await ws.prepare(request)
         if request.transport is not None:
             tune_tunnel_socket(request.transport.get_extra_info("socket"))

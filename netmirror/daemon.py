@@ -30,7 +30,7 @@ from netmirror.protocol import events as ev
 from netmirror.state import SessionDir, SessionRecord, pid_alive, pid_start
 from netmirror.targets import AgentHandle, AgentSettings, resolve_target
 from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
-from netmirror.tunnel import PortStats, StreamBridge, Tunnel, tune_tunnel_socket
+from netmirror.tunnel import WS_MAX_MESSAGE, PortStats, StreamBridge, Tunnel, tune_tunnel_socket
 
 if TYPE_CHECKING:  # loaded by `netmirror exec` only
     from netmirror.outgoing import Outgoing
@@ -278,7 +278,7 @@ class Daemon:
             try:
                 ws = await self._session.ws_connect(
                     self.agent.url,
-                    max_msg_size=16 * 1024 * 1024,
+                    max_msg_size=WS_MAX_MESSAGE,
                     heartbeat=WS_HEARTBEAT,
                     compress=0,
                     autoping=True,

@@ -24,9 +24,11 @@ from netmirror.protocol import events as ev
 
 log = logging.getLogger(__name__)
 
-#: Largest websocket message we send; the protocol is a byte stream, so this is
-#: only a transport chunk.
+#: Size of the websocket messages we send: whole frames up to this size, or one larger
+#: frame alone (the protocol is a byte stream, so this is only a transport chunk).
 WS_MESSAGE_SIZE = 256 * 1024
+#: Largest websocket message either end accepts; anything larger is sent in pieces.
+WS_MAX_MESSAGE = 16 * 1024 * 1024
 #: Stop reading sockets while this much tunnel output is waiting for the websocket.
 OUTPUT_HIGH_WATER = 4 * 1024 * 1024
 #: Local socket write buffer above which we stop granting credit.
@@ -437,6 +439,7 @@ class Tunnel:
         self._waiters = _Waiters()
         self._closed = False
         self._ended = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
         self.close_reason = ""
 
     def kick(self, bridge: Endpoint | None = None) -> None:
@@ -462,6 +465,7 @@ class Tunnel:
     async def run(self) -> str:
         """Pump until the websocket closes; returns why it closed."""
         writer = asyncio.get_running_loop().create_task(self._writer(), name=f"{self.name}:writer")
+        self._writer_task = writer
         try:
             await self._reader()
         finally:
@@ -487,18 +491,33 @@ class Tunnel:
             bridge.on_reset(reason)
 
     async def close(self) -> None:
-        """Flush what is queued and close the websocket."""
+        """Flush what is queued, in order, and close the websocket."""
         self._closed = True
         self._wakeup.set()
-        await asyncio.sleep(0)
+        writer = self._writer_task
+        if writer is not None and not writer.done():
+            # The writer sends what is queued and then ends; sending beside it could
+            # put later frames before earlier ones.
+            try:
+                await asyncio.wait_for(asyncio.shield(writer), timeout=2)
+            except (TimeoutError, asyncio.CancelledError):
+                writer.cancel()
         if not self.ws.closed:
-            data = self.conn.data_to_send()
-            if data:
-                try:
-                    await self.ws.send_bytes(data)
-                except (ConnectionError, RuntimeError):
-                    pass
+            try:
+                await self._send_queued()
+            except (ConnectionError, RuntimeError):
+                pass
             await self.ws.close()
+
+    async def _send_queued(self) -> None:
+        """Send everything the protocol has queued, as websocket messages."""
+        ws = self.ws
+        for message in self.conn.messages_to_send(WS_MESSAGE_SIZE):
+            if len(message) <= WS_MAX_MESSAGE:
+                await ws.send_bytes(message)
+                continue
+            for start in range(0, len(message), WS_MAX_MESSAGE):  # one frame above the limit
+                await ws.send_bytes(message[start : start + WS_MAX_MESSAGE])
 
     async def _reader(self) -> None:
         ws = self.ws
@@ -562,15 +581,13 @@ class Tunnel:
         self._handler(event)
 
     async def _writer(self) -> None:
-        ws = self.ws
         conn = self.conn
         wakeup = self._wakeup
         while True:
             await wakeup.wait()
             wakeup.clear()
             try:
-                for message in conn.messages_to_send(WS_MESSAGE_SIZE):
-                    await ws.send_bytes(message)
+                await self._send_queued()
             except (ConnectionError, RuntimeError) as exc:
                 log.debug("websocket send failed: %r", exc)
                 return
