@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from netmirror.errors import AuthenticationError, ProtocolError
-from netmirror.protocol import Connection, Event, Limits, Role, State
+from netmirror.protocol import Connection, DataReceived, Event, Limits, Role, State
 from netmirror.protocol.frames import CREDIT, HEADER, HEADER_SIZE, PING, FrameType
 
 TOKEN = "s3cret-token"
@@ -203,6 +203,17 @@ def pump(src: Connection, dst: Connection) -> list[Event]:
     """Deliver everything ``src`` queued to ``dst``; returns ``dst``'s events."""
     dst.receive_data(src.data_to_send())
     return dst.events_received()
+
+
+def stream_bytes(conn: Connection, messages: list[bytes]) -> bytes:
+    """Feed ``messages`` one by one to ``conn``; returns the stream bytes it received."""
+    got = bytearray()
+    for message in messages:
+        conn.receive_data(message)
+        for event in conn.events_received():
+            if isinstance(event, DataReceived):
+                got += event.data
+    return bytes(got)
 
 
 def expect_violation(

@@ -7,7 +7,7 @@ import pytest
 from netmirror.protocol import Connection, DataReceived, Limits, StreamHalfClosed
 from netmirror.protocol.frames import HEADER_SIZE, FrameType
 
-from ._support import DST, SRC, connected, data, parse_frames, pump
+from ._support import DST, SRC, connected, data, parse_frames, pump, stream_bytes
 
 FRAME = 4096
 
@@ -47,13 +47,7 @@ def test_every_message_holds_whole_frames(size: int) -> None:
         assert frames
         assert len(message) <= size or len(frames) == 1
     # Fed one by one, the peer gets the bytes back in order.
-    got = bytearray()
-    for message in messages:
-        daemon.receive_data(message)
-        for event in daemon.events_received():
-            if isinstance(event, DataReceived):
-                got += event.data
-    assert bytes(got) == payload
+    assert stream_bytes(daemon, messages) == payload
 
 
 def test_a_frame_larger_than_the_message_size_goes_alone() -> None:

@@ -7,10 +7,10 @@ from typing import Any, cast
 
 import aiohttp
 
-from netmirror.protocol import Connection, DataReceived, Limits
+from netmirror.protocol import Connection, Limits
 from netmirror.tunnel import WS_MAX_MESSAGE, WS_MESSAGE_SIZE, Tunnel
 
-from ._support import DST, SRC, connected, pump
+from ._support import DST, SRC, connected, pump, stream_bytes
 
 
 class RecordingSocket:
@@ -44,16 +44,6 @@ def tunnel_pair(limits: Limits) -> tuple[Tunnel, RecordingSocket, Connection, in
     return tunnel, ws, daemon, sid
 
 
-def received(daemon: Connection, messages: list[bytes]) -> bytes:
-    got = bytearray()
-    for message in messages:
-        daemon.receive_data(message)
-        for event in daemon.events_received():
-            if isinstance(event, DataReceived):
-                got += event.data
-    return bytes(got)
-
-
 async def test_a_frame_above_the_message_limit_goes_in_pieces() -> None:
     size = 16 * 1024 * 1024
     tunnel, ws, daemon, sid = tunnel_pair(Limits(max_frame_size=size, initial_window=size))
@@ -62,7 +52,7 @@ async def test_a_frame_above_the_message_limit_goes_in_pieces() -> None:
     await tunnel.close()
     assert len(ws.sent) == 2  # the frame and its header exceed 16 MiB by 9 bytes
     assert all(len(m) <= WS_MAX_MESSAGE for m in ws.sent)
-    assert received(daemon, ws.sent) == payload
+    assert stream_bytes(daemon, ws.sent) == payload
     assert ws.closed
 
 
@@ -80,4 +70,4 @@ async def test_close_sends_what_the_writer_had_left_in_order() -> None:
     await tunnel.close()
     await asyncio.wait_for(run, 5)
     assert len(ws.sent) > 2
-    assert received(daemon, ws.sent) == b"".join(chunks) + b"last"
+    assert stream_bytes(daemon, ws.sent) == b"".join(chunks) + b"last"
