@@ -8,7 +8,7 @@ DEBIAN_PACKAGES := iproute2 iptables curl iperf3 socat procps tcpdump libpcap0.8
 # Commands whose absence means the Debian packages above must be installed.
 NEEDED_COMMANDS := ip iptables iptables-legacy curl iperf3 socat pgrep tcpdump
 
-.PHONY: deps system-deps demo test lint bench clean agent-image
+.PHONY: deps system-deps image-deps demo test lint bench clean agent-image
 
 deps: system-deps $(VENV)/.installed
 
@@ -29,14 +29,17 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 demo: deps
-	$(PY) -m netmirror.demo
+	$(PY) -m sandbox.demo
 
-test: deps
+test: deps image-deps
 	$(PY) -m pytest -q -rs tests
 
+# make lint: style, types, and the import contracts of pyproject.toml (no process
+# imports another's package; see docs/architecture.md).
 lint: deps
-	$(VENV)/bin/ruff check netmirror tests benchmarks
+	$(VENV)/bin/ruff check netmirror sandbox tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 # make bench: the benchmark suite (benchmarks/suite.py): every scenario, side by side
 # over direct, socat relay and netmirror paths; results in benchmarks/results/.
@@ -59,9 +62,23 @@ bench: deps
 	$(PY) -m benchmarks.mirror
 	$(PY) -m benchmarks.http_filter
 
-agent-image:
-	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "agent-image needs a running Docker engine"; exit 1; }
-	docker build -f agent_image/Dockerfile -t $${NETMIRROR_AGENT_IMAGE:-ghcr.io/netmirror/agent:0.1.0} .
+# make agent-image: the agent's container image as a docker-archive tarball in
+# build/agent-image/, built from Debian packages without Docker (agent_image/build.py);
+# it prints the image reference and the archive's path. Unchanged inputs reuse the archive.
+IMAGE_PACKAGES := mmdebstrap podman runc
+IMAGE_COMMANDS := mmdebstrap podman runc
+
+image-deps:
+	@missing=""; for c in $(IMAGE_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the agent image (missing:$$missing)"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "run as root to install: $(IMAGE_PACKAGES)"; exit 1; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(IMAGE_PACKAGES) >/dev/null; \
+	fi
+
+agent-image: deps image-deps
+	$(PY) agent_image/build.py $(IMAGE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache benchmarks/results

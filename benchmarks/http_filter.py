@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, machine, netmirror, nginx_conf, wait_port
-from netmirror.sandbox import Sandbox
+from sandbox import Sandbox
 
 POD_PORT = 80
 LOCAL_PORT = 18080

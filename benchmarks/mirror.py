@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS, iperf_json, netmirror
-from netmirror.sandbox import Sandbox
+from sandbox import Sandbox
 
 POD_PORT = 5201
 LOCAL_PORT = 15202

@@ -60,8 +60,8 @@ from benchmarks.common import (
     open_fds,
     rss_bytes,
 )
-from netmirror.sandbox import Sandbox
-from netmirror.target_info import children
+from netmirror.agent.target_process import children
+from sandbox import Sandbox
 
 PATHS = ("direct", "relay", "netmirror")
 SESSION = "suite"

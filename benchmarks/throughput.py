@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from benchmarks.common import RESULTS, iperf_json, machine, netmirror
-from netmirror.sandbox import Sandbox
+from sandbox import Sandbox
 
 POD_PORT = 5201
 LOCAL_PORT = 15201

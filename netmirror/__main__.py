@@ -1,3 +1,5 @@
-from netmirror.cli import main
+import sys
 
-raise SystemExit(main())
+from netmirror.main import main
+
+sys.exit(main())

@@ -1,6 +1,6 @@
 """Thin I/O around the protocol: a websocket on one side, TCP sockets on the other.
 
-:class:`Tunnel` feeds websocket messages into a :class:`~netmirror.protocol.Connection`
+:class:`Tunnel` feeds websocket messages into a :class:`~netmirror.wire.Connection`
 and writes out what it queues. :class:`StreamBridge` joins one TCP connection to
 one stream. Both agent and daemon use them; they differ only in who opens streams.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -19,8 +18,10 @@ import aiohttp
 from aiohttp import web
 
 from netmirror.errors import ProtocolError
-from netmirror.protocol import Connection
-from netmirror.protocol import events as ev
+from netmirror.net.sockets import abort_with_reset
+from netmirror.wire import Connection
+from netmirror.wire import events as ev
+from netmirror.wire.stats import PortStats
 
 log = logging.getLogger(__name__)
 
@@ -35,96 +36,6 @@ OUTPUT_HIGH_WATER = 4 * 1024 * 1024
 SOCKET_HIGH_WATER = 256 * 1024
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-@dataclass
-class PortStats:
-    """Counters of one subscribed port, as shown by ``netmirror status``."""
-
-    connections_total: int = 0
-    connections_open: int = 0
-    bytes_in: int = 0
-    """Client to local process."""
-    bytes_out: int = 0
-    """Local process to client."""
-    errors: int = 0
-    last_error: str = ""
-
-    def error(self, message: str) -> None:
-        """Count an error and remember its text."""
-        self.errors += 1
-        self.last_error = message
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready view."""
-        return {
-            "connections_total": self.connections_total,
-            "connections_open": self.connections_open,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "errors": self.errors,
-            "last_error": self.last_error,
-        }
-
-
-#: Socket buffers of the tunnel's own connection: room for several messages in
-#: flight, so neither end waits on the other for each one.
-TUNNEL_SOCKET_BUFFER = 4 * 1024 * 1024
-
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, same value for IP6T_SO_ORIGINAL_DST
-
-
-def tune_tunnel_socket(sock: Any) -> None:
-    """Large buffers (and no Nagle delay) on the connection that carries the tunnel."""
-    if sock is None:
-        return
-    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, option, TUNNEL_SOCKET_BUFFER)
-        except OSError:
-            pass
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
-def original_destination(sock: Any) -> tuple[str, int] | None:
-    """Where a redirected connection was going, from conntrack (None if not redirected).
-
-    conntrack also answers for a connection no rule touched: with the socket's own
-    address. That is someone connecting to our listener directly, and counts as not
-    redirected (answering it by connecting to the "original" would connect to
-    ourselves).
-    """
-    try:
-        if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-            host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
-        else:
-            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            host = socket.inet_ntop(socket.AF_INET, raw[4:8])
-        port: int = struct.unpack_from("!H", raw, 2)[0]
-        local = sock.getsockname()
-    except OSError:
-        return None
-    if port == local[1] and host == local[0]:
-        return None
-    return host, port
-
-
-def abort_with_reset(transport: asyncio.Transport | None) -> None:
-    """Close a TCP transport so the peer sees RST, not FIN."""
-    if transport is None or transport.is_closing():
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-    transport.abort()
 
 
 class Endpoint(Protocol):

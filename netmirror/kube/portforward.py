@@ -19,9 +19,9 @@ import ssl
 import stat
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -47,18 +47,34 @@ CLOSE_TIMEOUT = 5.0
 LOCAL_READ_SIZE = 64 * 1024
 
 
+class HeaderProvider(Protocol):
+    """Fresh credential headers; ``force`` renews them (the server answered 401)."""
+
+    def __call__(self, *, force: bool = False) -> Awaitable[Mapping[str, str]]: ...
+
+
 @dataclass(frozen=True)
 class ApiEndpoint:
     """How to reach the API server; the caller builds it from a kubeconfig.
 
     ``base_url`` is e.g. ``https://10.0.0.1:6443`` (a path prefix is kept), ``headers``
-    carry the credentials (``Authorization: Bearer ...``), ``ssl`` is passed to aiohttp
-    (``None`` means default verification).
+    are sent as they are (static credentials: ``Authorization: Bearer ...``), ``ssl`` is
+    passed to aiohttp (``None`` means default verification). ``auth``, for credentials
+    that expire, is awaited before every connect for headers that override ``headers``;
+    after a 401 it is called with ``force=True`` and the connect is tried once more.
     """
 
     base_url: str
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = field(default_factory=dict)
     ssl: ssl.SSLContext | bool | None = None
+    auth: HeaderProvider | None = None
+
+    async def request_headers(self, *, force: bool = False) -> dict[str, str]:
+        """The headers of one request: ``headers``, then what ``auth`` gives."""
+        headers = dict(self.headers)
+        if self.auth is not None:
+            headers.update(await self.auth(force=force))
+        return headers
 
 
 def _one_line(text: object) -> str:
@@ -200,15 +216,14 @@ async def open_stream(
     ws: aiohttp.ClientWebSocketResponse | None = None
     try:
         async with asyncio.timeout(timeout):
-            ws = await session.ws_connect(
-                url,
-                params={"ports": str(port)},
-                protocols=(SUBPROTOCOL,),
-                headers=dict(endpoint.headers),
-                ssl=True if endpoint.ssl is None else endpoint.ssl,
-                max_msg_size=WS_MAX_MESSAGE,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
-            )
+            try:
+                ws = await _ws_connect(session, endpoint, url, port, force=False)
+            except aiohttp.WSServerHandshakeError as err:
+                if err.status != 401 or endpoint.auth is None:
+                    raise
+                # The token may have expired (or been revoked): renew it, try once more.
+                log.debug("port-forward %s: HTTP 401, renewing the credentials", where)
+                ws = await _ws_connect(session, endpoint, url, port, force=True)
             if ws.protocol != SUBPROTOCOL:
                 # Kubernetes falls back to the same binary framing without a subprotocol.
                 log.debug("port-forward %s: server chose subprotocol %r", where, ws.protocol)
@@ -234,6 +249,20 @@ async def open_stream(
         raise
     log.debug("port-forward to %s port %s open", where, port)
     return stream
+
+
+async def _ws_connect(
+    session: aiohttp.ClientSession, endpoint: ApiEndpoint, url: str, port: int, *, force: bool
+) -> aiohttp.ClientWebSocketResponse:
+    return await session.ws_connect(
+        url,
+        params={"ports": str(port)},
+        protocols=(SUBPROTOCOL,),
+        headers=await endpoint.request_headers(force=force),
+        ssl=True if endpoint.ssl is None else endpoint.ssl,
+        max_msg_size=WS_MAX_MESSAGE,
+        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
+    )
 
 
 def _http_error(status: int, message: str, where: str) -> str:
@@ -468,6 +497,7 @@ async def _remote_to_local(stream: PortForwardStream, writer: asyncio.StreamWrit
 
 __all__ = [
     "ApiEndpoint",
+    "HeaderProvider",
     "LocalForwarder",
     "PortForwardStream",
     "open_stream",

@@ -3,24 +3,33 @@
 Each test gets its own sandbox namespace, its own netmirror state directory and
 servers started as processes; everything is torn down and checked for leaks
 (namespaces, iptables chains, processes) even when the test fails.
+
+Several test runs may share the machine: sandbox indexes and server ports are
+reserved with lock files (see :meth:`sandbox.Sandbox.allocate` and
+:mod:`tests.support.ports`), and every check looks only at this test's namespace,
+state directory and sessions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import random
 import shutil
-import socket
+import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from netmirror.sandbox import Sandbox
+from sandbox import Sandbox
+from tests.support.images import agent_podman  # noqa: F401 - a fixture for the whole run
+from tests.support.ports import free_port
+from tests.support.waiting import eventually, read_line
+
+__all__ = ["REPO", "SERVERS", "Env", "free_port", "wait_ready"]
 
 SERVERS = Path(__file__).resolve().parents[1] / "support" / "servers.py"
 REPO = Path(__file__).resolve().parents[2]
@@ -44,20 +53,21 @@ def _needs_root() -> None:
         pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+#: Sandbox indexes of the tests (the demo uses 77, the benchmarks 201 to 203).
+SANDBOX_INDEXES = (100, 199)
 
 
 def wait_ready(proc: subprocess.Popen[bytes], what: str, timeout: float = 10) -> None:
-    """Wait for a server's ``ready`` line."""
+    """Wait for a server's ``ready`` line; kill it and fail if none comes in ``timeout``."""
     assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    line = proc.stdout.readline()
-    if line.strip() != b"ready" or time.monotonic() > deadline:
+    try:
+        line = read_line(proc.stdout, timeout, f"{what} did not start")
+        if line.strip() != "ready":
+            raise AssertionError(f"{what} did not start: it said {line!r}, not 'ready'")
+    except AssertionError:
         proc.kill()
-        raise RuntimeError(f"{what} did not start: {line!r}")
+        proc.wait()
+        raise
 
 
 @dataclass
@@ -140,47 +150,69 @@ class Env:
                 out += [line for line in res.stdout.splitlines() if "NETMIRROR" in line]
         return "\n".join(out)
 
-    def our_processes(self) -> list[str]:
-        """netmirror agents, daemons and guards started with this test's state dir."""
-        found = []
+    def _our_pids(self) -> dict[int, str]:
+        """pid -> command line of the netmirror processes with this test's state dir."""
+        found = {}
+        marker = b"NETMIRROR_STATE_DIR=" + str(self.state_dir).encode()
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
                 continue
             try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes()
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
             except OSError:
                 continue
-            if b"netmirror" in cmdline and str(self.state_dir).encode() in environ:
-                found.append(cmdline.decode(errors="replace"))
+            if b"netmirror" in cmdline and marker in environ:
+                found[int(pid)] = cmdline.decode(errors="replace")
         return found
+
+    def our_processes(self) -> list[str]:
+        """netmirror agents, daemons and guards started with this test's state dir."""
+        return list(self._our_pids().values())
+
+    def teardown(self) -> list[str]:
+        """Stop everything of this test; what had to be cleaned up by force, as problems.
+
+        Every step runs even when one before it failed.
+        """
+        problems = []
+        try:
+            down = self.netmirror("down", "--all", timeout=60)
+            if down.returncode != 0:
+                problems.append(f"netmirror down --all failed: {down.stderr.strip()}")
+        except subprocess.TimeoutExpired:
+            problems.append("netmirror down --all did not finish in 60 s")
+        # The agent removes its rules and exits on its own after down; give it time.
+        with contextlib.suppress(AssertionError):
+            eventually(lambda: not self.our_processes() and not self.chains(), 5, "")
+        if chains := self.chains():
+            problems.append(f"rules left behind: {chains}")
+        if leaked := self._our_pids():
+            problems.append(f"processes left behind: {list(leaked.values())}")
+            for pid in leaked:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self.state_dir.exists() and any(self.state_dir.iterdir()):
+            problems.append(f"state left behind: {list(self.state_dir.iterdir())}")
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        return problems
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
-    name = f"t{random.randrange(16**6):06x}"
-    box = Sandbox(name, index=random.randrange(20, 250))
-    box.create()
-    world = Env(box, tmp_path / "state")
+    box = Sandbox.allocate("t", first=SANDBOX_INDEXES[0], last=SANDBOX_INDEXES[1])
+    problems: list[str] = []
     try:
-        yield world
+        box.create()
+        world = Env(box, tmp_path / "state")
+        try:
+            yield world
+        finally:
+            problems += world.teardown()
     finally:
-        down = world.netmirror("down", "--all", timeout=60)
-        leaks = []
-        deadline = time.monotonic() + 5
-        while (world.our_processes() or world.chains()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if world.chains():
-            leaks.append(f"rules: {world.chains()}")
-        if world.our_processes():
-            leaks.append(f"processes: {world.our_processes()}")
-        if world.state_dir.exists() and any(world.state_dir.iterdir()):
-            leaks.append(f"state: {list(world.state_dir.iterdir())}")
-        for proc in world.procs:
-            proc.kill()
-            proc.wait()
-        box.destroy()
+        box.destroy()  # also lets the index go
         if box.exists():
-            leaks.append(f"namespace {box.netns}")
-        assert down.returncode == 0, down.stderr
-        assert not leaks, "left behind: " + "; ".join(leaks)
+            problems.append(f"namespace {box.netns} left behind")
+    assert not problems, "; ".join(problems)

@@ -5,6 +5,10 @@ the pod can reach (the pod does not forward, so this host cannot). The pod's own
 resolver files (/etc/netns/<pod>/hosts and resolv.conf) name the db; a real DNS
 server in the db answers names under the pod's search domain. A process in the
 pod carries the environment the command should see.
+
+The outgoing rules of ``exec`` live in this host's own tables, which other test
+runs share: session names carry the sandbox's name, and the checks look only at
+the chains of this test's sessions.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from netmirror.outgoing import CGROUP_PREFIX, cgroup2_root
+from netmirror.netfilter.cgroup import CGROUP_PREFIX, cgroup2_root
 from tests.integration.conftest import SERVERS, Env, free_port, wait_ready
+from tests.support.netfilter import chains_of, host_lines
+from tests.support.waiting import eventually, read_line
 
 SEARCH = "shop.svc.cluster.local"
 CLIENT = """
@@ -39,13 +45,26 @@ class Private:
     netns: str
 
 
-def _host_outgoing_rules() -> str:
-    out = []
-    for tool in ("iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save"):
-        if shutil.which(tool):
-            res = subprocess.run([tool], capture_output=True, text=True, check=False)
-            out += [line for line in res.stdout.splitlines() if "NMOUT" in line]
-    return "\n".join(out)
+def session_name(env: Env, n: int) -> str:
+    """This test's session ``n``: named after the sandbox, so no other run has it."""
+    return f"x{n}-{env.sandbox.name}"
+
+
+def _host_outgoing_rules(session: str) -> str:
+    """This host's outgoing rules of ``session`` (``NMOUT-<session>``), nobody else's."""
+    return "\n".join(host_lines(chains_of([session], ("NMOUT-",))))
+
+
+def _remove_outgoing_rules(sessions: list[str]) -> None:
+    """Take away what a failed test left in the host's tables (only its own chains)."""
+    from netmirror.netfilter.iptables import Backend
+    from netmirror.netfilter.outgoing import OutgoingNat
+
+    for name in sessions:
+        if _host_outgoing_rules(name):
+            for backend in Backend:
+                with contextlib.suppress(Exception):
+                    OutgoingNat(name, backend=backend).teardown()
 
 
 def _our_cgroups(session: str) -> list[Path]:
@@ -69,6 +88,9 @@ def private(env: Env) -> Iterator[Private]:
     def sh(*argv: str) -> None:
         subprocess.run(argv, check=True, capture_output=True)
 
+    # Normally the env fixture's `down --all` removes the outgoing rules; if a test
+    # failed so badly that they stayed, they go here.
+    sessions = [session_name(env, n) for n in range(1, 5)]
     try:
         # The target's main process first: the lowest pid of the pod, read for its env.
         app = box.popen(
@@ -117,22 +139,27 @@ def private(env: Env) -> Iterator[Private]:
             proc.wait()
         subprocess.run(["ip", "netns", "del", db_ns], capture_output=True, check=False)
         shutil.rmtree(etc, ignore_errors=True)
+        _remove_outgoing_rules(sessions)
 
 
 def _exec(
-    env: Env, *args: str, session: str = "x1", timeout: float = 90
+    env: Env, *args: str, n: int = 1, timeout: float = 90
 ) -> subprocess.CompletedProcess[str]:
+    name = session_name(env, n)
     return env.netmirror(
-        "exec", "--target", env.sandbox.target, "--session", session, *args, timeout=timeout
+        "exec", "--target", env.sandbox.target, "--session", name, *args, timeout=timeout
     )
 
 
 def _assert_clean(env: Env, session: str) -> None:
-    deadline = time.monotonic() + 10
-    while (_host_outgoing_rules() or _our_cgroups(session)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _host_outgoing_rules() == ""
-    assert _our_cgroups(session) == []
+    eventually(
+        lambda: not _host_outgoing_rules(session) and not _our_cgroups(session),
+        10,
+        lambda: (
+            f"left behind: rules {_host_outgoing_rules(session)!r}, cgroups {_our_cgroups(session)}"
+        ),
+        interval=0.1,
+    )
 
 
 def test_outside_netmirror_the_db_is_out_of_reach(env: Env, private: Private) -> None:
@@ -167,7 +194,7 @@ def test_command_reaches_the_targets_services_by_its_names(env: Env, private: Pr
         "--target",
         env.sandbox.target,
         "--session",
-        "x1",
+        session_name(env, 1),
         "--env-exclude",
         "SECRET_*",
         "--",
@@ -188,7 +215,7 @@ def test_command_reaches_the_targets_services_by_its_names(env: Env, private: Pr
         "mode=staging secret=unset home=/root",
     ], res.stderr
     assert "running sh -c" in res.stderr
-    _assert_clean(env, "x1")
+    _assert_clean(env, session_name(env, 1))
 
 
 def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
@@ -206,7 +233,7 @@ def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
             "--target",
             env.sandbox.target,
             "--session",
-            "x2",
+            session_name(env, 2),
             "--steal",
             f"8080:{local}",
             "--",
@@ -222,9 +249,9 @@ def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
     )
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "started"
-        assert _our_cgroups("x2"), "the command is not in its cgroup"
-        assert _host_outgoing_rules() != ""
+        assert read_line(proc.stdout, 60, "the command did not start") == "started"
+        assert _our_cgroups(session_name(env, 2)), "the command is not in its cgroup"
+        assert _host_outgoing_rules(session_name(env, 2)) != ""
         url = f"http://{env.sandbox.pod_ip}:8080/"
         got = subprocess.run(["curl", "-sS", "-m", "5", url], capture_output=True, text=True)
         assert got.stdout == "stolen for the command\n"
@@ -237,7 +264,7 @@ def test_interrupted_exec_leaves_nothing(env: Env, private: Private) -> None:
     assert code == 130, proc.stderr.read() if proc.stderr else ""
     leftover = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True, check=False)
     assert leftover.stdout == "", "the command's background child survived"
-    _assert_clean(env, "x2")
+    _assert_clean(env, session_name(env, 2))
     got = subprocess.run(["curl", "-sS", "-m", "5", url], capture_output=True, text=True)
     assert got.stdout == "the pod\n"
 
@@ -252,7 +279,7 @@ def test_killed_exec_is_cleaned_up_by_its_daemon(env: Env, private: Private) -> 
             "--target",
             env.sandbox.target,
             "--session",
-            "x3",
+            session_name(env, 3),
             "--",
             "sh",
             "-c",
@@ -263,15 +290,19 @@ def test_killed_exec_is_cleaned_up_by_its_daemon(env: Env, private: Private) -> 
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "started"
-    proc.kill()  # no chance to clean up: the daemon notices its owner is gone
-    proc.wait()
-    _assert_clean(env, "x3")
-    deadline = time.monotonic() + 15
-    while env.our_processes() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert env.our_processes() == []
+    try:
+        assert proc.stdout is not None
+        assert read_line(proc.stdout, 60, "the command did not start") == "started"
+    finally:
+        proc.kill()  # no chance to clean up: the daemon notices its owner is gone
+        proc.wait()
+    _assert_clean(env, session_name(env, 3))
+    eventually(
+        lambda: env.our_processes() == [],
+        15,
+        lambda: f"netmirror processes still running: {env.our_processes()}",
+        interval=0.1,
+    )
 
 
 def test_missing_command_is_one_line_and_127(env: Env, private: Private) -> None:
@@ -280,7 +311,7 @@ def test_missing_command_is_one_line_and_127(env: Env, private: Private) -> None
     assert (
         res.stderr.strip().splitlines()[-1] == "netmirror: command not found: no-such-command-here"
     )
-    _assert_clean(env, "x1")
+    _assert_clean(env, session_name(env, 1))
 
 
 def test_proxy_method_for_programs_that_honour_proxy_variables(env: Env, private: Private) -> None:
@@ -296,7 +327,7 @@ def test_proxy_method_for_programs_that_honour_proxy_variables(env: Env, private
         "--target",
         env.sandbox.target,
         "--session",
-        "x4",
+        session_name(env, 4),
         "--outgoing-method",
         "proxy",
         "--",
@@ -309,4 +340,4 @@ def test_proxy_method_for_programs_that_honour_proxy_variables(env: Env, private
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == ["orders from the db", "orders from the db", "socks5h"]
     assert "ALL_PROXY/HTTP_PROXY" in res.stderr
-    _assert_clean(env, "x4")
+    _assert_clean(env, session_name(env, 4))

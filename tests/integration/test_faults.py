@@ -18,10 +18,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from netmirror.protocol import Connection, Role
-from netmirror.protocol.frames import HEADER, FrameType
+from netmirror.wire import Connection, Role
+from netmirror.wire.frames import HEADER, FrameType
 from tests.integration.conftest import Env, free_port
 from tests.support.clients import sha_exchange
+from tests.support.processes import Proc, in_netns, only_pid, pid_running
+from tests.support.waiting import eventually, read_line
 
 pytestmark = pytest.mark.integration
 
@@ -45,15 +47,26 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def guard_pid(session: str) -> int:
-    out = subprocess.run(
-        ["pgrep", "-f", f"netmirror.firewall.guard --session {session} "],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
-    assert out, "no guard process found"
-    return int(out[0])
+def guard_pid(env: Env, session: str) -> int:
+    """The steal guard of ``session`` in this test's sandbox (no other run's)."""
+
+    def is_guard(proc: Proc) -> bool:
+        return proc.has_args("-m", "netmirror.netfilter.guard") and proc.has_args(
+            "--session", session
+        )
+
+    return only_pid(in_netns(env.sandbox.netns, is_guard), f"guard of session {session}")
+
+
+def unread_bytes(port: int) -> int:
+    """Bytes received but not yet read by the sockets bound to 127.0.0.1:``port``."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if local == f"0100007F:{port:04X}" and state == "01":  # established
+            total += int(queues.split(":")[1], 16)
+    return total
 
 
 def test_killed_daemon_agent_removes_its_rules_by_itself(env: Env) -> None:
@@ -64,24 +77,33 @@ def test_killed_daemon_agent_removes_its_rules_by_itself(env: Env) -> None:
     st = status(env)["sessions"][0]
     os.kill(st["daemon_pid"], signal.SIGKILL)
     killed = time.monotonic()
-    time.sleep(0.3)
+    log = env.state_dir / "t1" / "daemon.log"  # the agent's output goes there too
+    eventually(
+        lambda: "daemon disconnected" in log.read_text(errors="replace"),
+        5,
+        "the agent did not notice that the daemon died",
+    )
     # The rules are still in place (the agent waits for a reconnect)...
     assert "NETMIRROR-t1" in env.chains()
     # ...yet clients are not reset: the agent passes them to the pod's own server.
     for _ in range(3):
         assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/") == "pod\n"
     # No netmirror command runs meanwhile: the agent notices on its own.
-    while env.chains() and time.monotonic() - killed < 10:
-        time.sleep(0.1)
+    eventually(
+        lambda: env.chains() == "",
+        max(0.0, killed + 10 - time.monotonic()),
+        "rules still there 10 s after the daemon died",
+        interval=0.1,
+    )
     recovered = time.monotonic() - killed
     print(f"rules removed {recovered:.1f} s after the daemon was killed")
-    assert env.chains() == "", "rules still there 10 s after the daemon died"
-    assert recovered < 10
     assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/") == "pod\n"
-    deadline = time.monotonic() + 5
-    while env.our_processes() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert env.our_processes() == []
+    eventually(
+        lambda: env.our_processes() == [],
+        5,
+        lambda: f"netmirror processes still running: {env.our_processes()}",
+        interval=0.1,
+    )
     # status reports the stale session and cleans it; up works again right away.
     after = status(env)
     assert after["sessions"] == [] and after["cleaned_stale"] == ["t1"]
@@ -96,9 +118,14 @@ def test_stale_rules_of_a_crash_are_cleared_at_the_next_up(env: Env) -> None:
     env.up("--steal", f"{POD_PORT}:{local}", session="crashed")
     st = status(env)["sessions"][0]
     # The worst crash: guard, agent and daemon all killed at once.
-    for pid in (guard_pid("crashed"), st["agent"]["pid"], st["daemon_pid"]):
+    pids = (guard_pid(env, "crashed"), st["agent"]["pid"], st["daemon_pid"])
+    for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    time.sleep(0.5)
+    eventually(
+        lambda: not any(pid_running(pid) for pid in pids),
+        5,
+        "the guard, agent or daemon survived SIGKILL",
+    )
     assert "NETMIRROR-crashed" in env.chains()  # nobody was left to remove them
     up = env.up("--steal", f"{POD_PORT}:{local}", session="fresh")
     assert "is up" in up.stdout
@@ -124,7 +151,11 @@ def test_local_app_dying_mid_stream_resets_only_that_stream(env: Env) -> None:
         # connections (a clean exit would close them with FIN, passed on as such).
         echo.send_signal(signal.SIGSTOP)
         victim.sendall(b"unread" * 1000)
-        time.sleep(0.3)
+        eventually(
+            lambda: unread_bytes(local) > 0,
+            5,
+            "the bytes sent did not reach the stopped local app's socket",
+        )
         echo.send_signal(signal.SIGKILL)
         echo.wait()
         env.server("echo", local, in_pod=False)
@@ -149,8 +180,9 @@ def test_slow_local_reader_keeps_memory_bounded_and_others_moving(env: Env, tmp_
     env.server("sha", POD_PORT, in_pod=True, tag="pod")
     local = free_port()
     slow = subprocess.Popen([sys.executable, "-c", SLOW_READER, str(local)], stdout=subprocess.PIPE)
-    env.procs.append(slow)  # type: ignore[arg-type]
-    assert slow.stdout is not None and slow.stdout.readline().strip() == b"ready"
+    env.procs.append(slow)
+    assert slow.stdout is not None
+    assert read_line(slow.stdout, 10, "the slow reader did not start") == "ready"
     env.up("--steal", f"{POD_PORT}:{local}")
     st = status(env)["sessions"][0]
     pids = {"agent": st["agent"]["pid"], "daemon": st["daemon_pid"]}
@@ -170,8 +202,12 @@ def test_slow_local_reader_keeps_memory_bounded_and_others_moving(env: Env, tmp_
 
     uploader = threading.Thread(target=upload, name="upload-1GiB")
     uploader.start()
-    while sent[0] < 64 << 20:  # the slow stream is well under way
-        time.sleep(0.05)
+    eventually(
+        lambda: sent[0] >= 64 << 20 or not uploader.is_alive(),
+        60,
+        "64 MiB of the slow stream were not sent within 60 s",
+    )
+    assert uploader.is_alive() or done.is_set(), "the upload failed"
     # Another stream on the same tunnel is not held up by the slow one.
     fast = os.urandom(64 << 20)
     with socket.create_connection((env.sandbox.pod_ip, POD_PORT), timeout=60) as sock:
@@ -187,7 +223,7 @@ def test_slow_local_reader_keeps_memory_bounded_and_others_moving(env: Env, tmp_
     print(f"RSS growth while 1 GiB went to a slow reader (MiB): {growth}")
     # One stream holds at most its window (4 MiB) plus socket buffers on each side.
     assert growth["agent"] < 64 and growth["daemon"] < 64, growth
-    assert int(slow.stdout.readline()) == total
+    assert int(read_line(slow.stdout, 60, "the slow reader did not report")) == total
 
 
 # The first connection reads 64 KiB per ms (about 60 MB/s, far slower than the
@@ -202,7 +238,7 @@ def serve(conn, slow):
     while chunk := conn.recv(65536):
         n += len(chunk)
         if slow:
-            time.sleep(0.001)
+            time.sleep(0.001)  # slowness is the point: this reader falls behind
     if slow:
         print(n, flush=True)
     else:
@@ -324,7 +360,7 @@ def test_the_token_appears_nowhere_a_user_can_read(env: Env) -> None:
         assert agent.stdin is not None and agent.stdout is not None
         agent.stdin.write(token.encode() + b"\n")
         agent.stdin.close()
-        assert json.loads(agent.stdout.readline())["ready"]
+        assert json.loads(read_line(agent.stdout, 15, "the agent did not start"))["ready"]
 
         async def session() -> str:
             conn = Connection(Role.DAEMON, token=token, session="manual")

@@ -16,11 +16,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+
+from tests.support.netfilter import chains_of, host_rules, lines_of
+from tests.support.processes import pid_running
+from tests.support.waiting import eventually
 
 SBIN = "/usr/local/sbin:/usr/sbin:/sbin"
 NS_PREFIX = "nmtest-fw-"
@@ -60,35 +63,29 @@ def run(
     )
 
 
-def _host_netmirror_lines() -> list[str]:
-    lines: list[str] = []
-    for tool in (
-        "iptables-nft-save",
-        "ip6tables-nft-save",
-        "iptables-legacy-save",
-        "ip6tables-legacy-save",
-    ):
-        path = _which(tool)
-        if path is None:
-            continue
-        # No -t: the legacy tool would create the table it is asked about.
-        out = run(path).stdout
-        lines += [f"{tool}: {line}" for line in out.splitlines() if "netmirror" in line.lower()]
-    return lines
+#: Every namespace these tests made, and every session they made rules for.
+MADE: list[str] = []
+SESSIONS: set[str] = set()
 
 
-def _test_namespaces() -> list[str]:
-    out = run("ip", "netns", "list").stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(NS_PREFIX)]
+def _namespaces() -> set[str]:
+    return {line.split()[0] for line in run("ip", "netns", "list").stdout.splitlines() if line}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def host_left_clean() -> Iterator[None]:
-    """Nothing of these tests may remain on the host: no namespaces, no rules."""
-    rules_before = _host_netmirror_lines()
+    """Nothing of these tests may remain on the host: no namespaces, no rules.
+
+    Other test runs may use the host at the same time, so only this module's own
+    namespaces and the chains of its own sessions are looked at.
+    """
+    rules_before = "\n".join(host_rules())
     yield
-    assert _test_namespaces() == [], "test network namespaces left behind"
-    assert _host_netmirror_lines() == rules_before, "netmirror rules appeared on the host"
+    left = sorted(set(MADE) & _namespaces())
+    assert left == [], f"test network namespaces left behind: {left}"
+    ours = chains_of(SESSIONS)
+    after = lines_of("\n".join(host_rules()), ours)
+    assert after == lines_of(rules_before, ours), "netmirror rules appeared on the host"
 
 
 # --------------------------------------------------------------------------------------
@@ -105,6 +102,7 @@ class Namespaces:
     def new(self) -> str:
         name = f"{NS_PREFIX}{secrets.token_hex(4)}"
         self.names.append(name)  # registered first: cleanup also covers a half-made one
+        MADE.append(name)
         proc = run("ip", "netns", "add", name)
         if proc.returncode != 0:
             pytest.skip(f"cannot create a network namespace: {proc.stderr.strip()}")
@@ -174,10 +172,10 @@ def ns_run(ns: str, *argv: str, timeout: float = 30.0) -> str:
 PRELUDE = """\
 import json, socket, sys
 from netmirror.errors import SessionError
-from netmirror.firewall import (
+from netmirror.netfilter import (
     AGENT_MARK, Backend, IptablesNat, Redirect, clear_stale, detect_backend, list_sessions,
 )
-from netmirror.firewall.guard import Guard, session_alive
+from netmirror.netfilter.guard import Guard, session_alive
 """
 
 
@@ -211,17 +209,8 @@ def read_line(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:
     return line.strip()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-
-
 def apply(ns: str, backend: str, session: str, port: int = ORIG_PORT, to: int = REDIR_PORT) -> None:
+    SESSIONS.add(session)
     ns_py(
         ns,
         """
@@ -392,6 +381,7 @@ def start_holder(
     namespaces: Namespaces, ns: str, backend: str, session: str, apply_rules: bool = True
 ) -> tuple[subprocess.Popen[str], int]:
     """Start a stand-in for the agent that holds a guard; return it and the guard's pid."""
+    SESSIONS.add(session)
     assigns = f"session = {session!r}\nbackend = {backend!r}\napply_rules = {apply_rules!r}\n"
     holder = namespaces.spawn(ns, PRELUDE + assigns + HOLDER)
     info = json.loads(read_line(holder))
@@ -402,14 +392,6 @@ def alive(ns: str, session: str) -> bool:
     result = ns_py(ns, "print(json.dumps(session_alive(session)))", session=session)
     assert isinstance(result, bool)
     return result
-
-
-def pid_running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_guard_cleans_up_when_agent_is_killed(
@@ -424,8 +406,12 @@ def test_guard_cleans_up_when_agent_is_killed(
     os.kill(holder.pid, signal.SIGKILL)
     holder.communicate(timeout=10)
 
-    assert wait_for(lambda: not has_netmirror(ns, backend), 2.0), save(ns, backend)
-    assert wait_for(lambda: not pid_running(guard_pid), 5.0)
+    eventually(
+        lambda: not has_netmirror(ns, backend),
+        2.0,
+        lambda: f"the guard left rules: {save(ns, backend)}",
+    )
+    eventually(lambda: not pid_running(guard_pid), 5.0, "the guard did not exit")
     assert not alive(ns, "g1")
 
 
@@ -441,8 +427,8 @@ def test_guard_cleans_up_on_close_and_sigterm(
 
     holder, guard_pid = start_holder(namespaces, ns, backend, "g3")
     os.kill(guard_pid, signal.SIGTERM)
-    assert wait_for(lambda: not has_netmirror(ns, backend), 2.0)
-    assert wait_for(lambda: not alive(ns, "g3"), 2.0)
+    eventually(lambda: not has_netmirror(ns, backend), 2.0, "SIGTERM: the guard left rules")
+    eventually(lambda: not alive(ns, "g3"), 2.0, "SIGTERM: the session is still alive")
 
 
 REFUSE = """

@@ -1,27 +1,35 @@
-"""Kubernetes targets end to end, without a cluster.
+"""Kubernetes targets end to end: real containers from the real agent image, no cluster.
 
-The API server is the kmock emulator (REST: deployments, pods, patches), fronted by
-a small aiohttp app for what an emulator cannot do: the pod port-forward websocket
-(relayed into the sandbox namespace's loopback) and the kubelet's part of an
-ephemeral container (it runs the container's command, from the spec netmirror
-sent, as a real agent in the sandbox namespace). `netmirror up --target
-deployment/web` then runs for real: resolution, patch, port-forward, steal,
-traffic from the host to the "pod" answered locally, and `down`.
+The API server is the kmock emulator (REST and watches: deployments, pods, jobs,
+patches), fronted by a small aiohttp app for what an emulator cannot do: the pod
+port-forward websocket (relayed into the pod's network namespace) and the kubelet.
+The kubelet here is podman with runc:
+
+- the target pod is a real container (its own mount and PID namespaces) in the
+  sandbox's network namespace, running the pod's server;
+- an ephemeral agent container runs the agent image with the security context of
+  the spec netmirror sent and nothing more (capabilities dropped and added as
+  asked, no privilege escalation), joined to the target container's network and
+  PID namespaces as ``targetContainerName`` does;
+- a job's pod is a container in a network namespace of its own with the host's PID
+  namespace, as its spec asks, and enters the target container itself.
+
+Images other than the agent image's test references are "not in the registry":
+the default reference fails to pull, as it would in a real cluster.
+`netmirror up --target deployment/web` then runs for real.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +37,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from netmirror.sandbox import Sandbox
+from sandbox import Sandbox
+from sandbox.containers import Podman
 from tests.integration.conftest import REPO, Env, free_port
+from tests.support import token_plugin
 from tests.support.fake_portforward import FakePortForward
+from tests.support.waiting import eventually_async
 from tests.unit.test_manifests import field_problems
 
 kmock = pytest.importorskip("kmock", reason="the kmock API emulator is not installed")
@@ -40,6 +51,29 @@ pytestmark = pytest.mark.integration
 NS = "shop"
 POD = "web-7c9d8f6b5-x2k4q"
 POD_PORT = 8080
+#: The agent image as the tests' "registry" knows it; any other reference fails to pull.
+IMAGE = "registry.example/netmirror/agent:test"
+PULLABLE = (IMAGE, "registry.example/netmirror-agent:test")
+PYTHON = "/opt/netmirror/bin/python"
+SUPPORT = REPO / "tests" / "support"
+
+
+def security_options(container: dict[str, Any]) -> list[str]:
+    """podman options for exactly the securityContext a container spec asks for."""
+    context = container.get("securityContext") or {}
+    options: list[str] = []
+    if context.get("privileged"):
+        options.append("--privileged")
+    capabilities = context.get("capabilities") or {}
+    for cap in capabilities.get("drop") or []:
+        options += ["--cap-drop", cap.lower()]
+    for cap in capabilities.get("add") or []:
+        options += ["--cap-add", cap]
+    if context.get("allowPrivilegeEscalation") is False:
+        options += ["--security-opt", "no-new-privileges"]
+    if "runAsUser" in context:
+        options += ["--user", str(context["runAsUser"])]
+    return options
 
 
 def connect_in_netns(netns: str, target: tuple[str, int]) -> socket.socket:
@@ -68,10 +102,28 @@ def connect_in_netns(netns: str, target: tuple[str, int]) -> socket.socket:
 class FakeCluster:
     """kmock plus the kubelet's side of ephemeral containers and port-forward."""
 
-    def __init__(self, sandbox: Sandbox, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        env: dict[str, str],
+        log: Path,
+        podman: Podman,
+        image: str,
+        *,
+        token_secret: bytes | None = None,
+    ) -> None:
+        self.token_secret = token_secret
+        """With a secret, every request needs an unexpired token of token_plugin.py."""
+        self.rejected = 0
         self.sandbox = sandbox
         self.env = env
         self.log = log
+        self.podman = podman
+        self.image = image
+        self.target = f"nm-pod-{sandbox.name}"
+        self.target_id = ""
+        self.containers: list[str] = []
+        self.job_netns: list[str] = []
         self.agents: list[subprocess.Popen[bytes]] = []
         self.patches: list[dict[str, Any]] = []
         self.jobs: list[dict[str, Any]] = []
@@ -83,14 +135,16 @@ class FakeCluster:
         if (ns, pod) == (NS, POD):
             return ("127.0.0.1", port)  # the target pod's loopback
         if ns == NS and pod in self.job_pods:
-            return ("host", port)  # a job pod: here, the host's own loopback
+            return (f"job:{pod}", port)  # a job pod: its own network namespace
         return None
 
     async def _connect(
         self, target: tuple[str, int]
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if target[0] == "host":
-            return await asyncio.open_connection("127.0.0.1", target[1])
+        if target[0].startswith("job:"):
+            netns = self.job_netns_of(target[0][4:])
+            sock = await asyncio.to_thread(connect_in_netns, netns, ("127.0.0.1", target[1]))
+            return await asyncio.open_connection(sock=sock)
         sock = await asyncio.to_thread(connect_in_netns, self.sandbox.netns, target)
         return await asyncio.open_connection(sock=sock)
 
@@ -101,10 +155,17 @@ class FakeCluster:
         self.spec_problems += field_problems(body, "V1Job", "job")
         name = body["metadata"]["name"]
         pod_name = f"{name}-abcde"
-        container = body["spec"]["template"]["spec"]["containers"][0]
-        cmd = [sys.executable, "-m", "netmirror", "agent", *container["args"]]
-        with open(self.log, "ab") as log:  # noqa: ASYNC230 - a test log, opened once
-            self.agents.append(subprocess.Popen(cmd, stdout=log, stderr=log, env=self.env))  # noqa: ASYNC220
+        spec = body["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        # The job's pod: a network namespace of its own; the host's PID namespace if
+        # the spec asks for it (it does: the agent looks for the target's process).
+        netns = self.job_netns_of(pod_name)
+        await asyncio.to_thread(_make_netns, netns)
+        self.job_netns.append(netns)
+        options = ["--network", f"ns:/run/netns/{netns}", *security_options(container)]
+        if spec.get("hostPID"):
+            options += ["--pid", "host"]
+        self.agents.append(await self._run_container(f"nm-job-{name}"[:60], options, container))
         self.job_pods.add(pod_name)
         pod = {
             "apiVersion": "v1",
@@ -156,11 +217,21 @@ class FakeCluster:
                     "message": f"pull access denied for {container['image']}",
                 }
             }
-        # The kubelet's part: run the container's command in the pod's namespace.
-        cmd = [sys.executable, "-m", "netmirror", "agent", *container["args"]]
+        if container["image"] not in PULLABLE:
+            state = {
+                "waiting": {
+                    "reason": "ErrImagePull",
+                    "message": f"{container['image']}: manifest unknown",
+                }
+            }
+        # The kubelet's part: run the container from the image, in the target
+        # container's network (and, with targetContainerName, PID) namespace.
         if "running" in state:
-            with open(self.log, "ab") as log:  # noqa: ASYNC230 - a test log, opened once
-                self.agents.append(self.sandbox.popen(*cmd, stdout=log, stderr=log, env=self.env))
+            options = ["--network", f"container:{self.target}", *security_options(container)]
+            if container.get("targetContainerName"):
+                options += ["--pid", f"container:{self.target}"]
+            name = f"nm-eph-{container['name']}"[:60]
+            self.agents.append(await self._run_container(name, options, container))
         status = {
             "status": {
                 "ephemeralContainerStatuses": [
@@ -183,6 +254,76 @@ class FakeCluster:
             headers={"Content-Type": "application/merge-patch+json"},
         ) as response:
             return web.json_response(await response.json(), status=response.status)
+
+    @web.middleware
+    async def _authenticate(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """The API server's authentication: expired or unknown tokens get 401."""
+        if self.token_secret is not None and not token_plugin.valid(
+            self.token_secret, request.headers.get("Authorization", "")
+        ):
+            self.rejected += 1
+            return web.json_response(
+                {
+                    "kind": "Status",
+                    "apiVersion": "v1",
+                    "status": "Failure",
+                    "message": "Unauthorized",
+                    "reason": "Unauthorized",
+                    "code": 401,
+                },
+                status=401,
+            )
+        return await handler(request)
+
+    def job_netns_of(self, pod: str) -> str:
+        return f"nm-job-{self.sandbox.name}-{len(pod) % 100}"[:30]
+
+    async def _run_container(
+        self, name: str, options: list[str], container: dict[str, Any]
+    ) -> subprocess.Popen[bytes]:
+        """Run a container of a pod spec from the agent image; its output goes to the log."""
+        self.containers.append(name)
+        with open(self.log, "ab") as log:  # noqa: ASYNC230 - a test log, opened once
+            return self.podman.popen(
+                name, self.image, *container["args"], options=options, stdout=log, stderr=log
+            )
+
+    async def start_target(self) -> None:
+        """The target pod's container: its server on POD_PORT, APP_COLOR in its environment."""
+        self.containers.append(self.target)
+        self.target_id = await asyncio.to_thread(
+            self.podman.start,
+            self.target,
+            self.image,
+            "/support/servers.py",
+            "http",
+            "--port",
+            str(POD_PORT),
+            "--text",
+            "pod\n",
+            entrypoint=PYTHON,
+            options=[
+                "--network",
+                f"ns:/run/netns/{self.sandbox.netns}",
+                "--volume",
+                f"{SUPPORT}:/support:ro",
+                "--env",
+                "APP_COLOR=blue",
+                # The pod's /etc/hosts (the kubelet writes it): a name only the pod knows.
+                "--add-host",
+                f"web-internal:{self.sandbox.pod_ip}",
+                "--cap-drop",
+                "all",
+            ],
+        )
+        url = f"http://{self.sandbox.pod_ip}:{POD_PORT}/"
+
+        async def serving() -> bool:
+            return await curl(url) == "pod\n"
+
+        await eventually_async(serving, 30, "the target pod's server did not start")
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         async with self.http.request(
@@ -231,7 +372,7 @@ class FakeCluster:
                         "restartCount": 0,
                         "image": "web:1",
                         "imageID": "",
-                        "containerID": "containerd://" + "c" * 64,
+                        "containerID": "containerd://" + self.target_id,
                         "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
                     }
                 ],
@@ -254,7 +395,7 @@ class FakeCluster:
         await self.kserver.__aenter__()
         self.kmock_url = str(self.kserver.url).rstrip("/")
         self.http = aiohttp.ClientSession()
-        app = web.Application()
+        app = web.Application(middlewares=[self._authenticate])
         self.portforward.add_routes(app)
         app.router.add_patch(
             "/api/v1/namespaces/{ns}/pods/{pod}/ephemeralcontainers", self._patch_ephemeral
@@ -266,7 +407,12 @@ class FakeCluster:
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
         self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-        await self.seed()
+        try:
+            await self.start_target()
+            await self.seed()
+        except BaseException:
+            await self.__aexit__(None, None, None)  # what was started goes again
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -274,10 +420,14 @@ class FakeCluster:
             # Shown by pytest only when the test failed: what the agents said.
             print(f"--- agents' output ({self.log}) ---")
             print(self.log.read_text(errors="replace")[-20000:])
+        for name in self.containers:  # agents first: they hold the target's namespaces
+            await asyncio.to_thread(self.podman.remove, name)
         for agent in self.agents:
             if agent.poll() is None:
                 agent.kill()
             agent.wait()
+        for netns in self.job_netns:
+            await asyncio.to_thread(_delete_netns, netns)
         await self.portforward.close()
         await self.runner.cleanup()
         await self.http.close()
@@ -285,30 +435,78 @@ class FakeCluster:
         await self.emulator.__aexit__(None, None, None)
 
 
-@pytest.fixture
-async def cluster(env: Env, tmp_path: Path) -> AsyncIterator[tuple[FakeCluster, dict[str, str]]]:
-    kenv = env.env
-    async with FakeCluster(env.sandbox, kenv, tmp_path / "kubelet.log") as fake:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [{"name": "fake", "cluster": {"server": fake.url}}],
-                    "users": [{"name": "dev", "user": {"token": "dev-token"}}],
-                    "contexts": [
-                        {
-                            "name": "fake",
-                            "context": {"cluster": "fake", "user": "dev", "namespace": NS},
-                        }
-                    ],
-                    "current-context": "fake",
-                }
-            )
+def _make_netns(name: str) -> None:
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+
+
+def _delete_netns(name: str) -> None:
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def write_kubeconfig(path: Path, server: str, user: dict[str, Any]) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": server}}],
+                "users": [{"name": "dev", "user": user}],
+                "contexts": [
+                    {"name": "fake", "context": {"cluster": "fake", "user": "dev", "namespace": NS}}
+                ],
+                "current-context": "fake",
+            }
         )
+    )
+    return path
+
+
+@pytest.fixture
+async def cluster(
+    env: Env, tmp_path: Path, agent_podman: tuple[Podman, str]
+) -> AsyncIterator[tuple[FakeCluster, dict[str, str]]]:
+    kenv = env.env | {"NETMIRROR_AGENT_IMAGE": IMAGE}
+    podman, image = agent_podman
+    async with FakeCluster(env.sandbox, kenv, tmp_path / "kubelet.log", podman, image) as fake:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url, {"token": "dev-token"})
         kenv = kenv | {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO)}
         yield fake, kenv
+
+
+#: Lifetime of the tokens of the expiring-credentials cluster, in seconds.
+TOKEN_LIFETIME = 3
+
+
+@pytest.fixture
+async def expiring_cluster(
+    env: Env, tmp_path: Path, agent_podman: tuple[Podman, str]
+) -> AsyncIterator[tuple[FakeCluster, dict[str, str], Path]]:
+    """A cluster whose exec plugin hands out tokens valid for TOKEN_LIFETIME seconds."""
+    kenv = env.env | {"NETMIRROR_AGENT_IMAGE": IMAGE}
+    podman, image = agent_podman
+    secret = os.urandom(16)
+    (tmp_path / "secret").write_bytes(secret)
+    runs = tmp_path / "plugin-runs"
+    async with FakeCluster(
+        env.sandbox, kenv, tmp_path / "kubelet.log", podman, image, token_secret=secret
+    ) as fake:
+        plugin = {
+            "exec": {
+                "apiVersion": "client.authentication.k8s.io/v1beta1",
+                "command": sys.executable,
+                "args": [
+                    str(SUPPORT / "token_plugin.py"),
+                    str(tmp_path / "secret"),
+                    str(TOKEN_LIFETIME),
+                    str(runs),
+                ],
+                "interactiveMode": "Never",
+            }
+        }
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url, plugin)
+        kenv = kenv | {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO)}
+        yield fake, kenv, runs
 
 
 async def run(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str, str]:
@@ -352,7 +550,6 @@ async def test_steal_a_deployment_through_the_api_server(
     env: Env, cluster: tuple[FakeCluster, dict[str, str]]
 ) -> None:
     fake, kenv = cluster
-    env.server("http", POD_PORT, in_pod=True, text="pod\n")
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
     url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
@@ -436,39 +633,31 @@ async def test_rbac_and_image_errors_are_one_line(
     last = err.strip().splitlines()[-1]
     assert last.startswith("netmirror: the agent image missing/agent:1 cannot be pulled")
     assert "ErrImagePull" in last
-
-
-@pytest.fixture
-def container_cgroup(env: Env) -> Iterator[Path]:
-    """A real cgroup named after the target container, holding the pod's server."""
-    root = Path("/sys/fs/cgroup/pids")
-    if not root.is_dir() or not os.access(root, os.W_OK):
-        pytest.skip("needs a writable cgroup v1 pids hierarchy to stand in for a container")
-    group = root / ("netmirror-test-cri-containerd-" + "c" * 64)
-    group.mkdir(exist_ok=True)
-    try:
-        yield group
-    finally:
-        for pid in (group / "cgroup.procs").read_text().split():
-            with contextlib.suppress(OSError):
-                (root / "cgroup.procs").write_text(pid)
-        group.rmdir()
+    # No image configured: the default reference is in no registry, and the error says
+    # what to do about it.
+    unset = {k: v for k, v in kenv.items() if k != "NETMIRROR_AGENT_IMAGE"}
+    code, _, err = await run(
+        unset, "up", "--target", "deployment/web", "--steal", "80", "--session", "dflt"
+    )
+    assert code == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        "netmirror: no agent image is configured and the default "
+        "ghcr.io/netmirror/agent:0.1.0 cannot be pulled (ErrImagePull"
+    )
+    assert "make agent-image" in last and "--agent-image" in last
 
 
 async def test_job_mode_enters_the_container_namespace(
     env: Env,
     cluster: tuple[FakeCluster, dict[str, str]],
-    container_cgroup: Path,
     tmp_path: Path,
 ) -> None:
     fake, kenv = cluster
-    server = env.server("http", POD_PORT, in_pod=True, text="pod\n")
-    (container_cgroup / "cgroup.procs").write_text(str(server.pid))
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
     url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
-    # A job's agent listens in its own pod's namespace; here that namespace is this
-    # host's, which other processes share, so the agent gets a free port.
+    # A job's agent listens in its own pod's namespace, on the port of the config.
     config = tmp_path / "netmirror.yaml"
     agent_port = free_port()
     config.write_text(f"agent:\n  port: {agent_port}\n")
@@ -498,8 +687,7 @@ async def test_job_mode_enters_the_container_namespace(
 async def test_tunnel_cut_reconnects_and_resets_what_it_cut(
     env: Env, cluster: tuple[FakeCluster, dict[str, str]]
 ) -> None:
-    fake, kenv = cluster
-    env.server("http", POD_PORT, in_pod=True, text="pod\n")  # never echoes
+    fake, kenv = cluster  # the pod's server answers HTTP: it never echoes
     local = free_port()
     env.server("echo", local, in_pod=False)
     code, _, err = await steal_web(kenv, local, "cut")
@@ -515,22 +703,28 @@ async def test_tunnel_cut_reconnects_and_resets_what_it_cut(
         writer.write(b"after")
         await asyncio.wait_for(reader.readexactly(5), 5)
     writer.close()
-    # New connections are stolen again within 2 s of the cut.
-    while True:
+
+    async def stolen_again() -> bool:
         try:
             r, w = await asyncio.wait_for(asyncio.open_connection(env.sandbox.pod_ip, POD_PORT), 1)
+        except (OSError, TimeoutError):
+            return False
+        try:
             w.write(b"hello")
             # The pod's own server (which answers while no tunnel is up) never
             # echoes: a short wait tells the two apart.
-            got = await asyncio.wait_for(r.readexactly(5), 0.2)
-            w.close()
-            if got == b"hello":
-                print(f"stolen again {asyncio.get_running_loop().time() - cut:.2f} s after the cut")
-                break
+            return await asyncio.wait_for(r.readexactly(5), 0.2) == b"hello"
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
-            pass
-        assert asyncio.get_running_loop().time() - cut < 2, "not stolen again within 2 s"
-        await asyncio.sleep(0.05)
+            return False
+        finally:
+            w.close()
+
+    # New connections are stolen again within 2 s of the cut.
+    loop = asyncio.get_running_loop()
+    await eventually_async(
+        stolen_again, max(0.0, cut + 2 - loop.time()), "not stolen again within 2 s of the cut"
+    )
+    print(f"stolen again {loop.time() - cut:.2f} s after the cut")
     code, out, _ = await run(kenv, "status", "--json")
     session = json.loads(out)["sessions"][0]
     assert session["reconnects"] == 1 and session["state"] == "ready"
@@ -542,27 +736,150 @@ async def test_exec_runs_a_command_as_if_in_the_pod(
     env: Env, cluster: tuple[FakeCluster, dict[str, str]]
 ) -> None:
     fake, kenv = cluster
-    # The pod's main process (its lowest pid), whose environment the command gets.
-    app = env.sandbox.popen("env", "-i", "PATH=/usr/bin:/bin", "APP_COLOR=blue", "sleep", "600")
-    env.procs.append(app)
-    # A name only the pod's hosts file knows (kubelet writes /etc/hosts in a pod).
-    etc = Path("/etc/netns") / env.sandbox.netns
-    etc.mkdir(parents=True, exist_ok=True)
-    (etc / "hosts").write_text(f"127.0.0.1 localhost\n{env.sandbox.pod_ip} web-internal\n")
-    try:
-        env.server("http", POD_PORT, in_pod=True, text="pod\n")
-        script = f"echo color=$APP_COLOR; curl -sS -m 5 http://web-internal:{POD_PORT}/"
-        code, out, err = await run(
-            kenv, "exec", "--target", "deployment/web", "--session", "kx", "--", "sh", "-c", script
+    # The pod's main process (pid 1 of its container) has APP_COLOR=blue in its
+    # environment, and its /etc/hosts knows web-internal (start_target).
+    script = f"echo color=$APP_COLOR; curl -sS -m 5 http://web-internal:{POD_PORT}/"
+    code, out, err = await run(
+        kenv, "exec", "--target", "deployment/web", "--session", "kx", "--", "sh", "-c", script
+    )
+    assert code == 0, err
+    assert out.splitlines() == ["color=blue", "pod"]
+    (patch,) = fake.patches
+    (container,) = patch["body"]["spec"]["ephemeralContainers"]
+    assert "SYS_PTRACE" in container["securityContext"]["capabilities"]["add"]
+    # The session ended with the command: the agent was asked to leave.
+    (agent,) = fake.agents
+    await asyncio.to_thread(agent.wait, 10)
+    assert env.chains() == ""
+
+
+async def test_mirror_by_capture_and_by_passthrough(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]], tmp_path: Path
+) -> None:
+    """Both mirror methods with the agent in its container: the pod answers, a copy comes here."""
+    fake, kenv = cluster
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    for n, method in enumerate(("capture", "passthrough")):
+        local = free_port()
+        sink = tmp_path / f"sink-{method}.log"
+        env.server("sink", local, in_pod=False, log=str(sink))
+        session = f"m-{method[:4]}"
+        code, _, err = await run(
+            kenv,
+            "up",
+            "--target",
+            "deployment/web",
+            "--mirror",
+            f"{POD_PORT}:{local}",
+            "--mirror-method",
+            method,
+            "--session",
+            session,
         )
         assert code == 0, err
-        assert out.splitlines() == ["color=blue", "pod"]
-        (patch,) = fake.patches
-        (container,) = patch["body"]["spec"]["ephemeralContainers"]
-        assert "SYS_PTRACE" in container["securityContext"]["capabilities"]["add"]
-        # The session ended with the command: the agent was asked to leave.
-        (agent,) = fake.agents
-        await asyncio.to_thread(agent.wait, 10)
+        # The pod keeps answering every client itself.
+        for _ in range(3):
+            assert await curl(url) == "pod\n"
+
+        def copied(path: Path = sink) -> list[str]:
+            return path.read_text().splitlines() if path.exists() else []
+
+        async def three_copies(path: Path = sink) -> list[str]:
+            lines = copied(path)
+            return lines if len(lines) >= 3 else []
+
+        lines = await eventually_async(
+            three_copies, 30, f"{method}: the local copy did not get 3 connections"
+        )
+        assert len(lines) == 3
+
+        async def counted() -> dict[str, Any]:
+            # The agent reports its counters once a second.
+            _, out, _ = await run(kenv, "status", "--json")
+            (port,) = json.loads(out)["sessions"][0]["ports"]
+            return port if port["mirror"]["flows"] >= 3 else {}
+
+        port = await eventually_async(counted, 10, f"{method}: status never counted 3 flows")
+        assert port["method"] == method
+        code, _, err = await run(kenv, "down", "--session", session)
+        assert code == 0, err
+        await asyncio.to_thread(fake.agents[n].wait, 10)
         assert env.chains() == ""
-    finally:
-        shutil.rmtree(etc, ignore_errors=True)
+
+
+async def test_http_filter_two_sessions_share_the_pods_port(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]]
+) -> None:
+    """Two developers, one port: each gets the requests with their header, the pod the rest."""
+    fake, kenv = cluster
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    for who in ("alice", "bob"):
+        local = free_port()
+        env.server("http", local, in_pod=False, text=f"{who}\n")
+        code, _, err = await run(
+            kenv,
+            "up",
+            "--target",
+            "deployment/web",
+            "--steal",
+            f"{POD_PORT}:{local}",
+            "--http-header",
+            f"^x-dev: {who}$",
+            "--session",
+            who,
+        )
+        assert code == 0, err
+
+    async def answer(*headers: str) -> str:
+        args = [arg for header in headers for arg in ("-H", header)]
+        proc = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-m", "5", *args, url, stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        return out.decode()
+
+    assert await answer("x-dev: alice") == "alice\n"
+    assert await answer("x-dev: bob") == "bob\n"
+    assert await answer() == "pod\n"
+    assert await answer("x-dev: carol") == "pod\n"
+    for who in ("alice", "bob"):
+        code, _, err = await run(kenv, "down", "--session", who)
+        assert code == 0, err
+    for agent in fake.agents:
+        await asyncio.to_thread(agent.wait, 10)
+    assert env.chains() == ""
+    assert await answer("x-dev: alice") == "pod\n"
+
+
+async def test_a_session_outlives_its_tokens_across_a_tunnel_cut(
+    env: Env, expiring_cluster: tuple[FakeCluster, dict[str, str], Path]
+) -> None:
+    """Tokens of an exec plugin that expire every few seconds: the session keeps stealing."""
+    fake, kenv, runs = expiring_cluster
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    code, _, err = await steal_web(kenv, local, "tok")
+    assert code == 0, err
+    assert await curl(url) == "local\n"
+    started = runs.read_text().count("\n")
+    # Past two expiries, the API server drops every port-forward; the daemon reconnects,
+    # which needs a token that is valid now.
+    await asyncio.sleep(2 * TOKEN_LIFETIME + 1)
+    assert await curl(url) == "local\n"
+    await fake.portforward.close()
+
+    async def stolen() -> bool:
+        return await curl(url) == "local\n"
+
+    await eventually_async(stolen, 10, "not stolen again after the cut with an expired token")
+    code, out, err = await run(kenv, "status", "--json")
+    assert code == 0, err
+    session = json.loads(out)["sessions"][0]
+    assert session["reconnects"] >= 1 and session["state"] == "ready"
+    assert runs.read_text().count("\n") > started, "the exec plugin was never run again"
+    code, _, err = await run(kenv, "down", "--session", "tok")
+    assert code == 0, err
+    (agent,) = fake.agents
+    await asyncio.to_thread(agent.wait, 10)
+    assert env.chains() == ""

@@ -9,7 +9,6 @@ import random
 import signal
 import socket
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 
 from tests.integration.conftest import Env, free_port
 from tests.support.clients import Exchange, sha_exchange
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,19 @@ def status(env: Env) -> dict[str, Any]:
 
 
 def read_sink(path: Path, count: int, timeout: float = 30) -> list[tuple[str, int, str]]:
-    """Wait until the sink logged ``count`` connections."""
-    deadline = time.monotonic() + timeout
+    """Wait until the sink logged ``count`` connections; what it logged."""
     lines: list[str] = []
-    while time.monotonic() < deadline:
-        lines = path.read_text().splitlines() if path.exists() else []
-        if len(lines) >= count:
-            break
-        time.sleep(0.1)
+
+    def logged() -> bool:
+        lines[:] = path.read_text().splitlines() if path.exists() else []
+        return len(lines) >= count
+
+    eventually(
+        logged,
+        timeout,
+        lambda: f"the sink logged {len(lines)} of {count} connections",
+        interval=0.1,
+    )
     out = []
     for line in lines:
         digest, size, ended = line.split()
@@ -82,10 +87,12 @@ def test_mirror_copies_every_connection_exactly(env: Env, tmp_path: Path, method
     assert port["method"] == method and port["errors"] == 0
     assert port["connections_total"] == len(sizes)
     assert port["bytes_in"] == sum(r.sent_bytes for r in results)
-    deadline = time.monotonic() + 3
-    while status(env)["ports"][0].get("mirror", {}).get("flows", 0) < len(sizes):
-        assert time.monotonic() < deadline, "the agent's counters did not arrive"
-        time.sleep(0.2)
+    eventually(
+        lambda: status(env)["ports"][0].get("mirror", {}).get("flows", 0) >= len(sizes),
+        3,
+        "the agent's counters did not arrive",
+        interval=0.2,
+    )
     mirror = status(env)["ports"][0]["mirror"]
     assert mirror["gaps"] == 0 and mirror["dropped"] == 0 and mirror["partial"] == 0
     if method == "capture":
@@ -107,7 +114,22 @@ def test_pcap_file_opens_with_real_readers(env: Env, tmp_path: Path) -> None:
             check=False,
         )
         assert out.stdout == "pod\n"
-    time.sleep(0.5)
+    from scapy.layers.inet import TCP
+    from scapy.utils import rdpcap
+
+    def in_file(packets: list[Any]) -> tuple[int, int]:
+        """SYNs and GET requests to the pod among ``packets``."""
+        syns = sum(1 for p in packets if TCP in p and p[TCP].flags == "S")
+        gets = sum(1 for p in packets if TCP in p and bytes(p[TCP].payload).startswith(b"GET /p"))
+        return syns, gets
+
+    # The daemon writes whole records and flushes each time: the file is readable as is.
+    eventually(
+        lambda: in_file(list(rdpcap(str(capture)))) == (3, 3),
+        5,
+        lambda: f"the pcap file holds (SYNs, GETs) {in_file(list(rdpcap(str(capture))))}",
+        interval=0.1,
+    )
     assert status(env)["pcap"]["records"] > 0
     env.netmirror("down", "--session", "t1", check=True)
     tcpdump = subprocess.run(
@@ -119,9 +141,6 @@ def test_pcap_file_opens_with_real_readers(env: Env, tmp_path: Path) -> None:
     assert all(f"> {env.sandbox.pod_ip}.{POD_PORT}:" in line for line in syns)
     gets = [line for line in tcpdump.stdout.splitlines() if "GET /p" in line]
     assert len(gets) == 3
-    from scapy.layers.inet import TCP
-    from scapy.utils import rdpcap
-
     packets = rdpcap(str(capture))
     assert all(p[TCP].dport == POD_PORT for p in packets)
     assert b"GET /p2 " in b"".join(bytes(p[TCP].payload) for p in packets)
@@ -145,10 +164,12 @@ def test_connection_open_before_mirroring_is_copied_as_partial(env: Env, tmp_pat
     import hashlib
 
     assert copy[:2] == (hashlib.sha256(later).hexdigest(), len(later))
-    deadline = time.monotonic() + 3
-    while status(env)["ports"][0].get("mirror", {}).get("partial", 0) < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    eventually(
+        lambda: status(env)["ports"][0].get("mirror", {}).get("partial", 0) >= 1,
+        3,
+        "the copy was not counted as partial",
+        interval=0.2,
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -160,10 +181,12 @@ def test_stuck_local_process_never_slows_the_real_traffic(env: Env, method: str)
     # 120 MiB through a copy that is never read: far beyond every buffer on the way.
     (result,) = run_clients(env, [(120 << 20, 1 << 20)])
     assert result.tag == "pod" and result.upload_intact and result.download_intact
-    deadline = time.monotonic() + 3
-    while status(env)["ports"][0].get("mirror", {}).get("dropped", 0) < 1:
-        assert time.monotonic() < deadline, status(env)
-        time.sleep(0.2)
+    eventually(
+        lambda: status(env)["ports"][0].get("mirror", {}).get("dropped", 0) >= 1,
+        3,
+        lambda: f"no copy counted as dropped: {status(env)}",
+        interval=0.2,
+    )
     assert "fell behind" in status(env)["ports"][0]["last_error"]
 
 
@@ -172,10 +195,12 @@ def test_no_local_process_the_pod_still_serves(env: Env) -> None:
     env.up("--mirror", f"{POD_PORT}:{free_port()}")
     results = run_clients(env, [(100_000, 100_000)] * 5)
     assert all(r.tag == "pod" and r.upload_intact and r.download_intact for r in results)
-    deadline = time.monotonic() + 3
-    while status(env)["ports"][0]["errors"] < 5:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    eventually(
+        lambda: status(env)["ports"][0]["errors"] >= 5,
+        3,
+        lambda: f"the 5 refused copies were not counted: {status(env)['ports'][0]}",
+        interval=0.1,
+    )
     assert "refused" in status(env)["ports"][0]["last_error"]
 
 
@@ -193,6 +218,7 @@ def test_killing_the_agent_during_capture_leaves_the_target_serving(env: Env) ->
             )
             for _ in range(10)
         ]
+        # Not synchronisation: the kill is meant to land while the transfers run.
         await asyncio.sleep(0.05)
         os.kill(agent, signal.SIGKILL)
         return await asyncio.gather(*tasks)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.integration.conftest import Env, free_port
 from tests.support.clients import sha_exchange
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -130,12 +131,15 @@ def test_local_port_refusing_resets_the_client(env: Env) -> None:
             sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
             while sock.recv(1024):
                 pass
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def port_status() -> dict:  # type: ignore[type-arg]
         (port,) = status(env)["sessions"][0]["ports"]
-        if port["errors"]:
-            break
-        time.sleep(0.1)
+        return port  # type: ignore[no-any-return]
+
+    eventually(
+        lambda: port_status()["errors"], 5, "the refused connection was not counted", interval=0.1
+    )
+    port = port_status()
     assert port["errors"] == 1
     assert "refused" in port["last_error"]
     # The session is still healthy: start the app and it answers.
@@ -175,7 +179,7 @@ def test_same_port_twice_is_refused(env: Env) -> None:
         env=other,
     )
     assert foreign.returncode != 0
-    assert "already stolen by session 'first'" in foreign.stderr
+    assert "already taken by session 'first'" in foreign.stderr
     assert not os.path.exists(str(env.state_dir) + "-other/second")
     # The first session is untouched and a different port works alongside it.
     assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/").stdout == "local\n"
@@ -248,10 +252,7 @@ def test_killed_daemon_is_reported_and_cleaned(env: Env) -> None:
     st = status(env)
     assert st["sessions"] == [] and st["cleaned_stale"] == ["t1"]
     # The orphaned agent was stopped, so its rules are gone and the pod answers.
-    deadline = time.monotonic() + 5
-    while env.chains() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert env.chains() == ""
+    eventually(lambda: env.chains() == "", 5, lambda: f"rules left: {env.chains()}")
     assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/").stdout == "pod\n"
 
 
@@ -263,13 +264,16 @@ def test_killed_agent_rules_removed_by_guard(env: Env) -> None:
     agent_pid = status(env)["sessions"][0]["agent"]["pid"]
     os.kill(agent_pid, signal.SIGKILL)
     started = time.monotonic()
-    while time.monotonic() - started < 2:
-        if curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/", "-m", "1").stdout == "pod\n":
-            break
-        time.sleep(0.05)
+    eventually(
+        lambda: curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/", "-m", "1").stdout == "pod\n",
+        2,
+        "the pod did not answer again within 2 s of kill -9 of the agent",
+    )
     assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/").stdout == "pod\n"
     print(f"the pod answered again {time.monotonic() - started:.2f} s after kill -9 of the agent")
     assert time.monotonic() - started < 2.5
-    while env.chains() and time.monotonic() - started < 2:
-        time.sleep(0.05)
-    assert env.chains() == ""
+    eventually(
+        lambda: env.chains() == "",
+        max(0.0, started + 2 - time.monotonic()),
+        lambda: f"the guard did not remove the rules within 2 s: {env.chains()}",
+    )

@@ -23,16 +23,9 @@ import dns.rrset
 import pytest
 import uvloop
 
-from netmirror.dns import (
-    Answer,
-    Query,
-    ResolverConfig,
-    TargetResolver,
-    build_response,
-    parse_hosts,
-    parse_query,
-    servfail,
-)
+from netmirror.agent.resolver import ResolverConfig, TargetResolver, parse_hosts
+from netmirror.daemon.exec.dns import Query, build_response, parse_query, servfail
+from netmirror.wire.dns import Answer
 
 # ------------------------------------------------------------------ resolv.conf, hosts
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from netmirror.daemon.targets.base import AgentSettings
+from netmirror.daemon.targets.kube import agent_job, ephemeral_container
 from netmirror.errors import TargetError
-from netmirror.kube.target import agent_job, ephemeral_container, parse_spec
-from netmirror.protocol.connection import token_sha256
-from netmirror.targets import AgentSettings
+from netmirror.kube.cluster import parse_spec
+from netmirror.wire.connection import token_sha256
 from tests.unit.test_manifests import field_problems
 
 SETTINGS = AgentSettings(

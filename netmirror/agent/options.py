@@ -1,0 +1,23 @@
+"""The options of one agent process, as ``netmirror agent`` was given them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """Command-line options of ``netmirror agent``."""
+
+    session: str
+    listen: str
+    token_digest: bytes
+    """SHA-256 of the session token: the agent never needs the token itself."""
+    ttl: float
+    netns: Path | None = None
+    container_id: str | None = None
+    """Enter the network namespace of the container with this id (job mode)."""
+    target_pid: int | None = None
+    """The target's main process (environment, resolver files); found when unset."""
+    debug: bool = False

@@ -1,0 +1,308 @@
+"""The CLI's commands, and its entry point: the only place that turns errors into exit codes.
+
+The grammar is :mod:`.parser`; a session's life (starting its daemon, stopping it)
+is :mod:`.session`; what people see is :mod:`.render`; ``exec``'s command runs
+through :mod:`.runner`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from netmirror.cli.parser import build_parser
+from netmirror.cli.render import port_line, status_lines, status_of
+from netmirror.cli.runner import run_command, say_exec
+from netmirror.cli.session import (
+    clean_stale,
+    control,
+    live_sessions,
+    new_session,
+    select_sessions,
+    start_daemon,
+    stop_session,
+)
+from netmirror.errors import CommandError, ConfigError, NetmirrorError, SessionError
+from netmirror.wire.session import (
+    SessionDir,
+    list_session_dirs,
+    pid_start,
+)
+
+if TYPE_CHECKING:  # the config models (pydantic) load only for commands that need them
+    from netmirror.config import Config
+
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+CONTROL_TIMEOUT = 3.0
+
+
+def _err(message: str) -> None:
+    sys.stderr.write(f"netmirror: {message}\n")
+
+
+# --- commands ---------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace, **more: Any) -> Config:
+    """The session's config: file < NETMIRROR_* variables < flags."""
+    from netmirror.config import Overrides, build_config
+
+    config = build_config(
+        file=Path(args.config) if args.config else None,
+        env=os.environ,
+        flags=Overrides(
+            target=args.target,
+            session=args.session,
+            steal=args.steal or (),
+            mirror=args.mirror or (),
+            agent_image=args.agent_image,
+            mirror_method=args.mirror_method,
+            pcap=args.pcap,
+            namespace=args.namespace,
+            context=args.context,
+            agent_mode=args.agent_mode,
+            http_filter=_http_filter(args),
+            **more,
+        ),
+    )
+    if config.pcap is not None:
+        # The daemon runs elsewhere (cwd /): a relative path means the user's cwd.
+        absolute = str(Path(config.pcap.path).expanduser().resolve())
+        config = config.model_copy(
+            update={"pcap": config.pcap.model_copy(update={"path": absolute})}
+        )
+    if not config.target:
+        raise ConfigError("no target: pass --target KIND/NAME (e.g. netns/pod1) or set target:")
+    return config
+
+
+def _http_filter(args: argparse.Namespace) -> dict[str, str] | None:
+    """The filter of --http-header/--http-path/--http-method, for the --steal ports."""
+    found = {
+        key: value
+        for key, value in (
+            ("header", args.http_header),
+            ("path", args.http_path),
+            ("method", args.http_method),
+        )
+        if value
+    }
+    if found and not args.steal:
+        raise ConfigError("--http-header/--http-path/--http-method apply to --steal ports")
+    return found or None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not config.active_ports():
+        raise ConfigError(
+            "no ports to take: pass --steal PORT[:LOCAL] or list ports: in the config"
+        )
+    sdir = new_session(config)
+    outcome = start_daemon(sdir, config, debug=args.debug, timeout=args.timeout)
+    status = status_of(outcome.get("status", {}))
+    ports = ", ".join(port_line(p) for p in status.ports if p.mode != "off")
+    print(f"session {sdir.name!r} is up on {status.target}: {ports}")
+    print(f"  netmirror status --session {sdir.name}   |   netmirror down --session {sdir.name}")
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from netmirror.config.environment import merge_environment
+    from netmirror.netfilter.cgroup import Cgroup, cgroup2_root
+
+    command = list(args.argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise ConfigError("no command to run: netmirror exec --target KIND/NAME -- COMMAND [ARGS]")
+    overrides: dict[str, Any] = {
+        "env_exclude": tuple(args.env_exclude or ()),
+        "outgoing_exclude": tuple(args.outgoing_exclude or ()),
+    }
+    if args.env_include:
+        overrides["env_include"] = tuple(args.env_include)
+    if args.env_set:
+        overrides["env_override"] = dict(_key_value(item) for item in args.env_set)
+    if args.no_outgoing:
+        overrides["outgoing"] = False
+    if args.outgoing_method:
+        overrides["outgoing_method"] = args.outgoing_method
+    config = _config(args, **overrides)
+    owner = {"owner_pid": os.getpid(), "owner_start": pid_start(os.getpid()) or 0}
+    sdir = new_session(config, extra={"exec": owner})
+    # From here on, however this ends, the session ends with it.
+    try:
+        outcome = start_daemon(sdir, config, debug=args.debug, timeout=args.timeout)
+        info = outcome.get("exec", {})
+        env = dict(os.environ)
+        if "env" in info:
+            env = merge_environment(env, info["env"], config.env)
+        else:
+            _err(
+                f"warning: the command gets the local environment only: "
+                f"{info.get('env_error', 'the target sent none')}"
+            )
+        cgroup_path = info.get("cgroup")
+        if info.get("proxy_env"):
+            # No transparent redirection here: programs that honour proxy variables.
+            env.update(info["proxy_env"])
+        say_exec(sdir.name, outcome, command, env_pid=info.get("env_pid"))
+        return run_command(command, env, Path(cgroup_path) if cgroup_path else None)
+    finally:
+        cgroup = Cgroup.for_session(sdir.name) if cgroup2_root() is not None else None
+        if cgroup is not None:
+            # Background processes the command left behind go with it.
+            cgroup.kill_all()
+        stop_session(sdir)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--env {item!r}: expected NAME=VALUE")
+    return key, value
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    if args.session and not SessionDir(args.session).path.exists():
+        print(f"no session named {args.session!r}: nothing to do")
+        return 0
+    sessions = select_sessions(args, allow_all=True)
+    if not sessions:
+        print("no sessions running: nothing to do")
+        return 0
+    for sdir in sessions:
+        stop_session(sdir)
+        print(f"session {sdir.name!r} is down")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stale = []
+    for sdir in list_session_dirs():
+        if clean_stale(sdir):
+            stale.append(sdir.name)
+    sessions = (
+        select_sessions(args, allow_all=True) if args.session else [s for s, _ in live_sessions()]
+    )
+    answers: list[dict[str, Any]] = []
+    for sdir in sessions:
+        try:
+            answer = control(sdir, "status")["status"]
+            if not isinstance(answer, dict):
+                raise SessionError(f"session {sdir.name!r} gave a garbled answer")
+            answers.append(answer)
+        except (SessionError, KeyError) as exc:
+            answers.append({"session": sdir.name, "state": "not answering", "error": str(exc)})
+    if args.json:
+        # The daemon's own records, as it sent them: scripts read these keys.
+        print(json.dumps({"sessions": answers, "cleaned_stale": stale}, indent=2))
+        return 0
+    statuses = [status_of(answer) for answer in answers]
+    for name in stale:
+        print(f"session {name!r} had ended (its daemon was gone); cleaned up")
+    if not statuses:
+        print("no sessions running")
+        return 0
+    for st in statuses:
+        print("\n".join(status_lines(st)))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    sessions = select_sessions(args, allow_all=False)
+    if not sessions:
+        raise SessionError("no sessions running")
+    sdir = sessions[0]
+    try:
+        fh = open(sdir.log_path, "rb")
+    except FileNotFoundError:
+        raise SessionError(f"session {sdir.name!r} has no log") from None
+    with fh:
+        sys.stdout.buffer.write(fh.read())
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        try:
+            while sdir.path.exists():
+                chunk = fh.read()
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.2)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from netmirror.kube.cluster import list_targets
+
+    result = asyncio.run(list_targets(namespace=args.namespace, context=args.context))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"namespace {result['namespace']}")
+    if not result["targets"]:
+        print("  no pods, deployments or statefulsets")
+    for t in result["targets"]:
+        ports = ", ".join(t["ports"]) or "-"
+        print(f"  {t['target']:<48} ready {t['ready']:<8} ports {ports}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from netmirror.config import json_schema, load_file, parse_config
+
+    if args.config_command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    path = Path(args.file)
+    config = parse_config(load_file(path), source=path.name)
+    print(f"{path}: ok ({len(config.ports)} port(s), target {config.target or 'not set'})")
+    return 0
+
+
+def cmd_elsewhere(args: argparse.Namespace) -> int:
+    """``agent`` and ``daemon`` are run by the ``netmirror`` executable, not by the CLI."""
+    raise CommandError(f"run `netmirror {args.command} ...` as a command of its own", 2)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "up": cmd_up,
+    "exec": cmd_exec,
+    "ls": cmd_ls,
+    "down": cmd_down,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "config": cmd_config,
+    "agent": cmd_elsewhere,
+    "daemon": cmd_elsewhere,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = COMMANDS[args.command](args)
+        return code
+    except NetmirrorError as exc:
+        _err(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0

@@ -1,0 +1,624 @@
+"""The daemon: a background process per session, on the developer's machine.
+
+It starts the agent through the target, holds the websocket tunnel to it, opens
+one local connection per stream, and answers ``status`` and ``down`` on a control
+socket. Progress until it is ready goes to a pipe the CLI reads (``--ready-fd``).
+The data path runs on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, assert_never, cast
+
+import aiohttp
+
+from netmirror import __version__
+from netmirror.config import Config, PortConfig
+from netmirror.daemon.pcap import PcapSink, PcapWriter
+from netmirror.daemon.targets import AgentHandle, AgentSettings, resolve_target
+from netmirror.errors import AgentError, NetmirrorError, ProtocolError
+from netmirror.net.sockets import tune_tunnel_socket
+from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
+from netmirror.tunnel import WS_MAX_MESSAGE, StreamBridge, Tunnel
+from netmirror.wire import Connection, Limits, Role
+from netmirror.wire import events as ev
+from netmirror.wire.kinds import StreamKind, stream_kind
+from netmirror.wire.session import SessionDir, SessionRecord, pid_alive, pid_start
+from netmirror.wire.stats import (
+    AgentReport,
+    AgentStatus,
+    HttpStatus,
+    MirrorCounters,
+    PortReport,
+    PortStats,
+    PortStatus,
+    SessionStatus,
+    to_json,
+)
+
+if TYPE_CHECKING:  # loaded by `netmirror exec` only
+    from netmirror.daemon.exec.outgoing import Outgoing
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+SUBSCRIBE_TIMEOUT = 15.0
+WS_HEARTBEAT = 10.0
+BACKOFF_MAX = 2.0
+
+
+class Progress:
+    """Lines for the waiting CLI, on a pipe closed once ready or failed."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._file: IO[str] | None = os.fdopen(fd, "w") if fd is not None else None
+
+    def send(self, **message: Any) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps(message) + "\n")
+            self._file.flush()
+        except OSError:
+            self._file = None  # the CLI went away; carry on
+
+    def step(self, text: str) -> None:
+        log.info("%s", text)
+        self.send(progress=text)
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+class Daemon:
+    """Owns one session: agent, tunnel, local connections, control socket."""
+
+    def __init__(
+        self,
+        sdir: SessionDir,
+        record: SessionRecord,
+        config: Config,
+        *,
+        progress: Progress,
+        log_file: IO[bytes],
+        debug: bool = False,
+    ) -> None:
+        self.sdir = sdir
+        self.record = record
+        self.config = config
+        self.progress = progress
+        self.log_file = log_file
+        self.debug = debug
+        self.token = secrets.token_urlsafe(32)
+        self.ports: dict[int, PortConfig] = {p.remote: p for p in config.active_ports()}
+        self.stats: dict[int, PortStats] = {p: PortStats() for p in self.ports}
+        self.port_state: dict[int, str] = {p: "pending" for p in self.ports}
+        self.state = "starting"
+        self.agent: AgentHandle | None = None
+        self.tunnel: Tunnel | None = None
+        self.tasks = TaskSet("daemon")
+        self.started = time.time()
+        self.reconnects = 0
+        self._stop = asyncio.Event()
+        self._welcomed: asyncio.Future[ev.Welcomed] | None = None
+        self._answers: dict[int, asyncio.Future[ev.SubscriptionAnswered]] = {}
+        self._replies: dict[int, asyncio.Future[ev.ReplyReceived]] = {}
+        # netmirror exec: the command's outgoing traffic, and who runs the command.
+        self.exec: dict[str, Any] = dict(record.extra.get("exec") or {})
+        self.outgoing: Outgoing | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.agent_report = AgentReport()
+        self._agent_stopping = False
+        self.pcap: PcapWriter | None = None
+
+    # --- tunnel events -----------------------------------------------------------
+
+    def _on_event(self, event: ev.Event) -> None:
+        if isinstance(event, ev.StreamOpened):
+            self._open_local(event)
+        elif isinstance(event, ev.SubscriptionAnswered):
+            future = self._answers.pop(event.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(event)
+        elif isinstance(event, ev.ReplyReceived):
+            reply = self._replies.pop(event.request_id, None)
+            if reply is not None and not reply.done():
+                reply.set_result(event)
+        elif isinstance(event, ev.StatsReported):
+            try:
+                self.agent_report = AgentReport.from_wire(event.stats)
+            except ValueError as exc:
+                log.warning("the agent's counters are unreadable: %s", exc)
+        elif isinstance(event, ev.Welcomed):
+            if self._welcomed is not None and not self._welcomed.done():
+                self._welcomed.set_result(event)
+        elif isinstance(event, ev.ErrorReceived):
+            if event.code == "stopping":
+                self._agent_stopping = True
+            log.warning("agent reported an error: %s: %s", event.code, event.message)
+            if self._welcomed is not None and not self._welcomed.done():
+                self._welcomed.set_exception(AgentError(f"the agent refused us: {event.message}"))
+
+    def _open_local(self, event: ev.StreamOpened) -> None:
+        tunnel = self.tunnel
+        assert tunnel is not None
+        kind = stream_kind(event.info)
+        match kind:
+            case StreamKind.PCAP:
+                if self.pcap is None:
+                    tunnel.conn.reset(event.stream_id, "no pcap file was asked for")
+                else:
+                    tunnel.attach(PcapSink(tunnel, event.stream_id, self.pcap))
+                tunnel.kick()
+            case StreamKind.STOLEN | StreamKind.MIRROR:
+                self._open_connection(tunnel, event, copy=kind is StreamKind.MIRROR)
+            case StreamKind.CONNECT:
+                tunnel.conn.reset(event.stream_id, "connect streams are opened by the daemon")
+                tunnel.kick()
+            case None:
+                tunnel.conn.reset(event.stream_id, "unknown kind of stream")
+                tunnel.kick()
+            case _:
+                assert_never(kind)
+
+    def _open_connection(self, tunnel: Tunnel, event: ev.StreamOpened, *, copy: bool) -> None:
+        """A stolen connection, or a mirrored copy: a connection to the local port."""
+        port = self.ports.get(event.port)
+        if port is None:
+            tunnel.conn.reset(event.stream_id, f"port {event.port} is not subscribed")
+            tunnel.kick()
+            return
+        stats = self.stats[event.port]
+        bridge = StreamBridge(
+            tunnel,
+            stats,
+            inbound=True,
+            stream_id=event.stream_id,
+            discard_replies=copy,
+        )
+        tunnel.attach(bridge)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "stream %d from %s:%d to %s:%d", event.stream_id, *event.client, *event.original_dst
+            )
+        self.tasks.spawn(
+            self._connect_local(tunnel, bridge, port), name=f"connect-{event.stream_id}"
+        )
+
+    async def _connect_local(self, tunnel: Tunnel, bridge: StreamBridge, port: PortConfig) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: bridge, port.local_host, port.local_port)
+        except OSError as exc:
+            reason = (
+                f"local {port.local_host}:{port.local_port} refused the connection"
+                if isinstance(exc, ConnectionRefusedError)
+                else f"cannot connect to local {port.local_host}:{port.local_port}: {exc}"
+            )
+            log.warning("%s; resetting the client's connection", reason)
+            bridge.stats.error(reason)
+            tunnel.conn.reset(bridge.stream_id, reason)
+            tunnel.forget(bridge)
+            tunnel.kick()
+
+    async def ask(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Send a request to the agent and wait for its reply."""
+        tunnel = self.tunnel
+        if tunnel is None or tunnel.ws.closed:
+            raise AgentError("no tunnel to the agent")
+        try:
+            request_id = tunnel.conn.request(op, args)
+        except ProtocolError as exc:
+            raise AgentError(f"cannot ask the agent: {exc}") from None
+        reply: asyncio.Future[ev.ReplyReceived] = asyncio.get_running_loop().create_future()
+        self._replies[request_id] = reply
+        tunnel.kick()
+        ended: asyncio.Future[None] = asyncio.ensure_future(tunnel.closed())
+        try:
+            # A lost tunnel ends the wait: the agent will never answer.
+            await asyncio.wait(
+                [cast("asyncio.Future[Any]", reply), ended], return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ended.cancel()
+            self._replies.pop(request_id, None)
+        if not reply.done():
+            reply.cancel()
+            raise AgentError("the tunnel closed before the agent answered")
+        event = reply.result()
+        if not event.ok:
+            raise AgentError(event.error)
+        return event.result
+
+    def _live_tunnel(self) -> Tunnel | None:
+        tunnel = self.tunnel
+        return tunnel if tunnel is not None and not tunnel.ws.closed else None
+
+    async def _start_exec(self) -> dict[str, Any]:
+        """For netmirror exec: the target's environment, and its outgoing traffic."""
+        assert self.tunnel is not None
+        features = self.tunnel.conn.peer_info.get("features") or []
+        missing = [f for f in ("connect", "resolve", "environ") if f not in features]
+        if missing:
+            version = self.tunnel.conn.peer_info.get("version", "unknown")
+            raise AgentError(
+                f"the agent (netmirror {version}) cannot run commands: it lacks "
+                f"{', '.join(missing)}; use an agent image of netmirror {__version__}"
+            )
+        result: dict[str, Any] = {}
+        self.progress.step("reading the target's environment")
+        try:
+            environ = await asyncio.wait_for(self.ask("environ", {}), SUBSCRIBE_TIMEOUT)
+            result.update(env=environ.get("env", {}), env_pid=environ.get("pid"))
+        except (NetmirrorError, TimeoutError) as exc:
+            result["env_error"] = str(exc) or "no answer"
+        if self.config.outgoing.enabled:
+            self.progress.step("sending the command's outgoing traffic through the target")
+            from netmirror.daemon.exec.outgoing import Outgoing
+
+            self.outgoing = Outgoing(
+                self.record.name,
+                self.config.outgoing,
+                tunnel_of=self._live_tunnel,
+                ask=self.ask,
+                spawn=lambda coro: self.tasks.spawn(coro, name="dns"),
+            )
+            await self.outgoing.start()
+            if self.outgoing.cgroup is not None:
+                result["cgroup"] = str(self.outgoing.cgroup.path)
+            else:
+                result["proxy_env"] = self.outgoing.proxy_env
+        return result
+
+    async def _watch_owner(self, pid: int, start: int) -> None:
+        """End the session when the netmirror exec that owns it is gone."""
+        # No event tells us a non-child process exited; poll (pidfds need 3.12+ helpers).
+        while pid_alive(pid, start):  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        log.info("the command's netmirror exec (pid %d) is gone: ending the session", pid)
+        self._stop.set()
+
+    # --- the tunnel --------------------------------------------------------------
+
+    async def _connect(self) -> Tunnel:
+        """Open the websocket and do the handshake."""
+        assert self.agent is not None
+        if self._session is not None:
+            await self._session.close()
+        # The timeout bounds the websocket handshake only, not the tunnel's life.
+        self._session = aiohttp.ClientSession(
+            connector=self.agent.connector(),
+            timeout=aiohttp.ClientTimeout(total=CONNECT_TIMEOUT),
+        )
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        delay = 0.05
+        while True:
+            try:
+                ws = await self._session.ws_connect(
+                    self.agent.url,
+                    max_msg_size=WS_MAX_MESSAGE,
+                    heartbeat=WS_HEARTBEAT,
+                    compress=0,
+                    autoping=True,
+                )
+                tune_tunnel_socket(ws.get_extra_info("socket"))
+                break
+            except (aiohttp.ClientError, OSError) as exc:
+                if self.agent.exit_status() is not None:
+                    raise AgentError(
+                        f"the agent exited with code {self.agent.exit_status()}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise AgentError(f"cannot reach the agent: {exc}") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        conn = Connection(Role.DAEMON, token=self.token, session=self.record.name, limits=Limits())
+        tunnel = Tunnel(ws, conn, handler=self._on_event, name="tunnel")
+        self.tunnel = tunnel
+        self._welcomed = asyncio.get_running_loop().create_future()
+        tunnel.kick()
+        return tunnel
+
+    async def _subscribe_all(self, tunnel: Tunnel) -> None:
+        loop = asyncio.get_running_loop()
+        for remote, port in self.ports.items():
+            self.progress.step(
+                f"taking port {remote} ({port.mode} -> {port.local_host}:{port.local_port})"
+            )
+            options: dict[str, Any] = {}
+            if port.mode == "mirror":
+                options = {"method": port.mirror.method, "pcap": self.pcap is not None}
+            elif port.http_filter is not None:
+                options = {"http_filter": port.http_filter}
+            request_id = tunnel.conn.subscribe(remote, port.mode, options)
+            future: asyncio.Future[ev.SubscriptionAnswered] = loop.create_future()
+            self._answers[request_id] = future
+            tunnel.kick()
+            try:
+                answer = await asyncio.wait_for(future, SUBSCRIBE_TIMEOUT)
+            except TimeoutError:
+                raise AgentError(f"the agent did not answer for port {remote}") from None
+            if not answer.ok:
+                self.port_state[remote] = "failed"
+                raise AgentError(f"port {remote}: {answer.error}")
+            self.port_state[remote] = "active"
+
+    async def _run_tunnel(self, tunnel: Tunnel) -> asyncio.Task[str]:
+        task = self.tasks.spawn(tunnel.run(), name="tunnel")
+        assert self._welcomed is not None
+        done, _ = await asyncio.wait(
+            [task, self._welcomed], timeout=CONNECT_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        if self._welcomed in done:
+            welcome = self._welcomed.result()
+            if self.agent is not None:
+                self.agent.info.update(welcome.info)
+            return task
+        self._welcomed.cancel()
+        reason = task.result() if task in done else "no answer to the hello"
+        raise AgentError(f"the agent did not accept the tunnel: {reason}")
+
+    # --- control socket ----------------------------------------------------------
+
+    def status(self) -> SessionStatus:
+        """What ``netmirror status`` shows."""
+        agent = AgentStatus()
+        if self.agent is not None:
+            code = self.agent.exit_status()
+            agent = AgentStatus(
+                pid=self.agent.pid,
+                state=(
+                    f"exited ({code})"
+                    if code is not None
+                    else "connected"
+                    if self.tunnel is not None and not self.tunnel.ws.closed
+                    else "disconnected"
+                ),
+                backend=self.agent.info.get("backend"),
+                addresses=list(self.agent.info.get("addresses", [])),
+            )
+        ports = []
+        for port in self.config.ports:
+            counters = self.stats.get(port.remote, PortStats())
+            report = self.agent_report.ports.get(port.remote, PortReport())
+            entry = PortStatus(
+                **dataclasses.asdict(counters),
+                remote=port.remote,
+                mode=port.mode,
+                local=f"{port.local_host}:{port.local_port}",
+                state=self.port_state.get(port.remote, "off"),
+            )
+            if port.http_filter is not None:
+                from netmirror.wire.httpfilter import describe_filter
+
+                share = dataclasses.asdict(report.http) if report.http is not None else {}
+                entry.http = HttpStatus(filter=describe_filter(port.http_filter), **share)
+            if port.mode == "mirror":
+                entry.method = port.mirror.method
+                entry.mirror = report.mirror or MirrorCounters()
+            ports.append(entry)
+        return SessionStatus(
+            session=self.record.name,
+            target=self.record.target,
+            state=self.state,
+            daemon_pid=os.getpid(),
+            version=__version__,
+            started=self.started,
+            reconnects=self.reconnects,
+            agent=agent,
+            ports=ports,
+            capture=self.agent_report.capture,
+            outgoing=self.outgoing.status() if self.outgoing is not None else None,
+            pcap=self.pcap.status() if self.pcap is not None else None,
+        )
+
+    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            try:
+                request = json.loads(line)
+                command = request.get("command") if isinstance(request, dict) else None
+            except ValueError:
+                command = None
+            response: dict[str, Any]
+            if command == "status":
+                response = {"ok": True, "status": to_json(self.status())}
+            elif command == "down":
+                response = {"ok": True}
+                self._stop.set()
+            else:
+                response = {"ok": False, "error": f"unknown command {command!r}"}
+            writer.write(json.dumps(response).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    # --- life --------------------------------------------------------------------
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._stop.set)
+        control = await asyncio.start_unix_server(self._control, path=str(self.sdir.control_socket))
+        os.chmod(self.sdir.control_socket, 0o600)
+        if self.exec:
+            self.tasks.spawn(
+                self._watch_owner(int(self.exec["owner_pid"]), int(self.exec["owner_start"])),
+                name="owner",
+            )
+        try:
+            start = self.tasks.spawn(self._start(), name="start")
+            stop = self.tasks.spawn(self._stop.wait(), name="stop-while-starting")
+            await asyncio.wait([start, stop], return_when=asyncio.FIRST_COMPLETED)
+            if not start.done():
+                start.cancel()
+                self.progress.send(error="stopped while starting")
+                return 1
+            try:
+                tunnel_task = start.result()
+            except NetmirrorError as exc:
+                log.error("%s", exc)
+                self.progress.send(error=str(exc))
+                return 1
+            exec_info: dict[str, Any] = {}
+            if self.exec:
+                exec_start = self.tasks.spawn(self._start_exec(), name="exec")
+                await asyncio.wait([exec_start, stop], return_when=asyncio.FIRST_COMPLETED)
+                if not exec_start.done():
+                    exec_start.cancel()
+                    self.progress.send(error="stopped while starting")
+                    return 1
+                try:
+                    exec_info = exec_start.result()
+                except NetmirrorError as exc:
+                    log.error("%s", exc)
+                    self.progress.send(error=str(exc))
+                    return 1
+            self.state = "ready"
+            self.progress.send(ready=True, status=to_json(self.status()), exec=exec_info)
+            self.progress.close()
+            await self._serve(tunnel_task)
+            return 0
+        finally:
+            self.state = "stopping"
+            self.progress.close()
+            control.close()
+            await self._shutdown()
+
+    async def _start(self) -> asyncio.Task[str]:
+        target = resolve_target(self.record.target, self.config, session=self.record.name)
+        if self.config.pcap is not None:
+            self.pcap = PcapWriter(Path(self.config.pcap.path), self.config.pcap.max_bytes)
+        self.progress.step(f"starting the agent in {target.describe()}")
+        settings = AgentSettings(
+            session=self.record.name,
+            token=self.token,
+            workdir=self.sdir.path,
+            ttl=self.config.agent.ttl,
+            ready_timeout=self.config.agent.ready_timeout,
+            debug=self.debug,
+            read_environment=bool(self.exec),
+        )
+        self.agent = await target.start_agent(
+            settings, log_file=self.log_file, progress=self.progress.step
+        )
+        self.record.agent_pid = self.agent.pid
+        self.record.agent_start = pid_start(self.agent.pid) or 0 if self.agent.pid else 0
+        self.sdir.write(self.record)
+        self.progress.step("connecting to the agent")
+        tunnel = await self._connect()
+        task = await self._run_tunnel(tunnel)
+        await self._subscribe_all(tunnel)
+        return task
+
+    async def _serve(self, tunnel_task: asyncio.Task[str]) -> None:
+        stop = self.tasks.spawn(self._stop.wait(), name="stop")
+        while True:
+            await asyncio.wait([tunnel_task, stop], return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                return
+            reason = tunnel_task.result() if not tunnel_task.cancelled() else "cancelled"
+            assert self.agent is not None
+            if self._agent_stopping:
+                log.error("the agent stopped (%s); ending the session", reason)
+                return
+            if self.agent.exit_status() is not None:
+                log.error(
+                    "the agent exited with code %s; ending the session", self.agent.exit_status()
+                )
+                return
+            log.warning("tunnel lost (%s); reconnecting", reason)
+            self.state = "reconnecting"
+            for remote in self.port_state:
+                self.port_state[remote] = "pending"
+            next_task = await self._reconnect(stop)
+            if next_task is None:
+                return
+            tunnel_task = next_task
+            self.reconnects += 1
+            self.state = "ready"
+
+    async def _reconnect(self, stop: asyncio.Task[Any]) -> asyncio.Task[str] | None:
+        delay = 0.1
+        while not stop.done():
+            try:
+                tunnel = await self._connect()
+                task = await self._run_tunnel(tunnel)
+                await self._subscribe_all(tunnel)
+                log.info("tunnel re-established")
+                return task
+            except NetmirrorError as exc:
+                assert self.agent is not None
+                if self.agent.exit_status() is not None:
+                    log.error("the agent exited with code %s", self.agent.exit_status())
+                    return None
+                log.warning("reconnect failed: %s; retrying in %.1fs", exc, delay)
+                await asyncio.wait([stop], timeout=delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        return None
+
+    async def _shutdown(self) -> None:
+        log.info("stopping the session")
+        if self.outgoing is not None:
+            await self.outgoing.stop()
+        # The agent first: it removes its rules before it closes its listeners and
+        # the tunnel, so new connections go straight back to the target.
+        if self.agent is not None:
+            await self.agent.stop(self.tunnel)
+            log.info("agent stopped (exit code %s)", self.agent.exit_status())
+        if self.tunnel is not None:
+            await self.tunnel.close()
+            self.tunnel.abort_streams("the session is stopping")
+        await self.tasks.close()
+        if self._session is not None:
+            await self._session.close()
+        if self.pcap is not None:
+            self.pcap.close()
+
+
+def run(session: str, *, ready_fd: int | None, debug: bool = False) -> int:
+    """Entry point of ``netmirror daemon`` (started by ``netmirror up``)."""
+    import sys
+
+    import uvloop
+
+    from netmirror import logs
+
+    sdir = SessionDir(session)
+    progress = Progress(ready_fd)
+    logs.setup(session=session, role="daemon", debug=debug)
+    try:
+        record = sdir.read()
+        config = Config.model_validate(record.config)
+    except (NetmirrorError, ValueError) as exc:
+        progress.send(error=f"cannot read the session: {exc}")
+        return 1
+    raise_fd_limit()
+    keep_heap_mapped()
+    record.daemon_pid = os.getpid()
+    record.daemon_start = pid_start(os.getpid()) or 0
+    sdir.write(record)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            daemon = Daemon(
+                sdir, record, config, progress=progress, log_file=sys.stderr.buffer, debug=debug
+            )
+            return runner.run(daemon.main())
+    finally:
+        log.info("session ended")
+        sdir.remove()

@@ -1,0 +1,481 @@
+"""Kubernetes targets: ``pod/NAME``, ``deployment/NAME``, ``statefulset/NAME``,
+each optionally ``.../container/C``.
+
+Resolution finds one running, ready pod. The agent is started either as an
+ephemeral container in that pod (it shares the pod's network namespace) or as a
+job pod on the same node that enters the target container's network namespace.
+The daemon reaches the agent's websocket, which listens on the pod's loopback,
+through the API server's port-forward, via a local Unix socket
+(:class:`~netmirror.kube.portforward.LocalForwarder`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import secrets
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any
+
+import aiohttp
+
+from netmirror.config.model import DEFAULT_AGENT_IMAGE
+from netmirror.daemon.targets.base import AgentHandle, AgentSettings, Target
+from netmirror.errors import AgentError, TargetError
+from netmirror.kube.cluster import KubeCluster, Progress, api_error, parse_spec
+from netmirror.kube.portforward import LocalForwarder, open_stream
+from netmirror.wire.connection import token_sha256
+
+if TYPE_CHECKING:
+    from netmirror.tunnel import Tunnel
+
+log = logging.getLogger(__name__)
+
+LABELS = {"app.kubernetes.io/part-of": "netmirror"}
+SESSION_LABEL = "netmirror.dev/session"
+PULL_ERRORS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
+JOB_DEADLINE = 12 * 3600
+JOB_TTL_AFTER_FINISHED = 60
+#: Seconds to wait before watching again after a watch that ended sooner than that.
+WATCH_MIN_LIFETIME = 1.0
+
+
+def agent_args(settings: AgentSettings, port: int) -> list[str]:
+    """Arguments of ``netmirror agent`` in the cluster: the token only as a digest."""
+    return [
+        "--session",
+        settings.session,
+        "--listen",
+        f"tcp:127.0.0.1:{port}",
+        "--ttl",
+        f"{settings.ttl:g}",
+        "--token-sha256",
+        token_sha256(settings.token).hex(),
+    ]
+
+
+def ephemeral_container(
+    settings: AgentSettings, *, name: str, image: str, port: int, target: str | None
+) -> dict[str, Any]:
+    """The ephemeral container that runs the agent in the target pod."""
+    # iptables rules (NET_ADMIN) and the capture socket (NET_RAW); for netmirror exec
+    # also SYS_PTRACE, which reading another user's /proc/PID/environ takes.
+    capabilities = ["NET_ADMIN", "NET_RAW"]
+    if settings.read_environment:
+        capabilities.append("SYS_PTRACE")
+    spec: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": agent_args(settings, port),
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"add": capabilities, "drop": ["ALL"]},
+        },
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if target:
+        spec["targetContainerName"] = target
+    return spec
+
+
+def agent_job(
+    settings: AgentSettings,
+    *,
+    name: str,
+    namespace: str,
+    image: str,
+    port: int,
+    node: str,
+    container_id: str,
+) -> dict[str, Any]:
+    """A job pod on the target's node that enters the target container's namespace."""
+    labels = {**LABELS, SESSION_LABEL: settings.session}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": JOB_DEADLINE,
+            "ttlSecondsAfterFinished": JOB_TTL_AFTER_FINISHED,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "nodeName": node,
+                    "hostPID": True,  # to find the target container's process
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "tolerations": [{"operator": "Exists"}],
+                    "containers": [
+                        {
+                            "name": "agent",
+                            "image": image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": [*agent_args(settings, port), "--container-id", container_id],
+                            "securityContext": {
+                                "runAsUser": 0,
+                                "capabilities": {
+                                    # setns into another namespace needs SYS_ADMIN, and
+                                    # opening /proc/PID/ns/net of another process
+                                    # SYS_PTRACE; then NET_ADMIN and NET_RAW as above.
+                                    "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"],
+                                    "drop": ["ALL"],
+                                },
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+class KubeAgent(AgentHandle):
+    """An agent in the cluster, reached through a local port-forwarding socket."""
+
+    def __init__(
+        self,
+        cluster: KubeCluster,
+        forwarder: LocalForwarder,
+        http: aiohttp.ClientSession,
+        *,
+        info: dict[str, Any],
+        job: str | None,
+    ) -> None:
+        self.cluster = cluster
+        self.forwarder = forwarder
+        self.http = http
+        self.info = info
+        self.job = job
+
+    def connector(self) -> aiohttp.BaseConnector:
+        return aiohttp.UnixConnector(path=str(self.forwarder.path))
+
+    @property
+    def url(self) -> str:
+        return "http://agent/tunnel"
+
+    @property
+    def pid(self) -> int:
+        return 0
+
+    def exit_status(self) -> int | None:
+        return None
+
+    async def stop(self, tunnel: Tunnel | None, timeout: float = 5.0) -> None:
+        if tunnel is not None and not tunnel.ws.closed:
+            # An ephemeral container cannot be deleted: ask the agent to remove its
+            # rules and exit, and wait until it closes the tunnel.
+            tunnel.conn.fail("shutdown", "the session is ending")
+            tunnel.kick()
+            deadline = asyncio.get_running_loop().time() + timeout
+            # aiohttp gives no close event to wait on; poll the state briefly.
+            while not tunnel.ws.closed and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        if self.job is not None:
+            with contextlib.suppress(Exception):
+                await self.cluster.batch.delete_namespaced_job(
+                    self.job, self.cluster.namespace, propagation_policy="Background"
+                )
+        await self.forwarder.close()
+        await self.http.close()
+        await self.cluster.close()
+
+
+class KubeTarget(Target):
+    """A pod, deployment or statefulset in a cluster."""
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        namespace: str | None,
+        context: str | None,
+        image: str,
+        mode: str,
+        port: int,
+    ) -> None:
+        self.spec = spec
+        self.kube = parse_spec(spec)
+        self.namespace = namespace
+        self.context = context
+        self.image = image
+        self.mode = mode
+        self.port = port
+
+    def describe(self) -> str:
+        where = f" in namespace {self.namespace}" if self.namespace else ""
+        return f"{self.kube}{where}"
+
+    async def start_agent(
+        self, settings: AgentSettings, *, log_file: IO[bytes], progress: Progress | None = None
+    ) -> AgentHandle:
+        say = progress or (lambda _text: None)
+        cluster = await KubeCluster.connect(context=self.context, namespace=self.namespace)
+        try:
+            pod, container = await cluster.resolve(self.kube, say)
+            name = f"netmirror-{settings.session}-{secrets.token_hex(3)}"
+            job: str | None = None
+            if self.mode == "job":
+                agent_pod = await self._start_job(cluster, settings, pod, container, name, say)
+                job = name
+            else:
+                agent_pod = await self._start_ephemeral(
+                    cluster, settings, pod, container, name, say
+                )
+        except BaseException:
+            await cluster.close()
+            raise
+        http = aiohttp.ClientSession()
+        endpoint = cluster.endpoint
+        namespace = cluster.namespace
+
+        async def opener() -> Any:
+            return await open_stream(
+                http, endpoint, namespace=namespace, pod=agent_pod, port=self.port
+            )
+
+        forwarder = LocalForwarder(opener, path=settings.workdir / "agent.sock")
+        await forwarder.start()
+        say(f"port-forwarding to {namespace}/{agent_pod}:{self.port}")
+        info = {
+            "pod": pod.metadata.name,
+            "namespace": namespace,
+            "container": container,
+            "agent": name,
+            "mode": self.mode,
+            "node": pod.spec.node_name,
+        }
+        return KubeAgent(cluster, forwarder, http, info=info, job=job)
+
+    async def _start_ephemeral(
+        self,
+        cluster: KubeCluster,
+        settings: AgentSettings,
+        pod: Any,
+        container: str,
+        name: str,
+        say: Progress,
+    ) -> str:
+        ns = cluster.namespace
+        spec = ephemeral_container(
+            settings, name=name, image=self.image, port=self.port, target=container
+        )
+        say(f"adding the agent to pod {pod.metadata.name} as ephemeral container {name}")
+        try:
+            await cluster.core.patch_namespaced_pod_ephemeralcontainers(
+                pod.metadata.name,
+                ns,
+                {"spec": {"ephemeralContainers": [spec]}},
+                _content_type="application/strategic-merge-patch+json",
+            )
+        except Exception as exc:
+            raise api_error(
+                exc, verb="patch", resource="pods/ephemeralcontainers", namespace=ns
+            ) from None
+        await self._wait_running(cluster, pod.metadata.name, name, settings, ephemeral=True)
+        return str(pod.metadata.name)
+
+    async def _start_job(
+        self,
+        cluster: KubeCluster,
+        settings: AgentSettings,
+        pod: Any,
+        container: str,
+        name: str,
+        say: Progress,
+    ) -> str:
+        ns = cluster.namespace
+        statuses = {s.name: s for s in (pod.status.container_statuses or [])}
+        status = statuses.get(container)
+        if status is None or not status.container_id:
+            raise TargetError(f"container {container!r} of pod {pod.metadata.name} has no id yet")
+        body = agent_job(
+            settings,
+            name=name,
+            namespace=ns,
+            image=self.image,
+            port=self.port,
+            node=pod.spec.node_name,
+            container_id=status.container_id,
+        )
+        say(f"starting agent job {name} on node {pod.spec.node_name}")
+        try:
+            await cluster.batch.create_namespaced_job(ns, body)
+        except Exception as exc:
+            raise api_error(exc, verb="create", resource="jobs", namespace=ns) from None
+        deadline = asyncio.get_running_loop().time() + settings.ready_timeout
+        found: list[str] = []  # the job's pod, once seen
+        last = ["not started"]
+
+        def done(pod: Any) -> bool:
+            # Filtered here too: a selector the server ignored must not pick another pod.
+            if (pod.metadata.labels or {}).get("job-name") != name:
+                return False
+            if not found:
+                found.append(str(pod.metadata.name))
+            elif pod.metadata.name != found[0]:
+                return False
+            return self._agent_running(pod, "agent", ephemeral=False, last=last)
+
+        try:
+            await _watch_pods(cluster, done, deadline=deadline, label_selector=f"job-name={name}")
+        except TimeoutError:
+            if not found:
+                raise AgentError(
+                    f"the agent job {name} made no pod in {settings.ready_timeout:.0f}s"
+                ) from None
+            raise AgentError(
+                f"the agent was not running within {settings.ready_timeout:.0f}s ({last[0]})"
+            ) from None
+        return found[0]
+
+    async def _wait_running(
+        self,
+        cluster: KubeCluster,
+        pod_name: str,
+        container: str,
+        settings: AgentSettings,
+        *,
+        ephemeral: bool,
+        deadline: float | None = None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = deadline or loop.time() + settings.ready_timeout
+        last = ["not started"]
+
+        def done(pod: Any) -> bool:
+            if pod.metadata.name != pod_name:  # a field selector the server ignored
+                return False
+            return self._agent_running(pod, container, ephemeral=ephemeral, last=last)
+
+        try:
+            await _watch_pods(
+                cluster, done, deadline=deadline, field_selector=f"metadata.name={pod_name}"
+            )
+        except TimeoutError:
+            raise AgentError(
+                f"the agent was not running within {settings.ready_timeout:.0f}s ({last[0]})"
+            ) from None
+
+    def _agent_running(self, pod: Any, container: str, *, ephemeral: bool, last: list[str]) -> bool:
+        """Whether the agent container of ``pod`` runs; raises if it never will.
+
+        ``last[0]`` is set to the state it is waiting in, for the timeout's message.
+        """
+        if pod.status is None:
+            return False
+        statuses = (
+            pod.status.ephemeral_container_statuses if ephemeral else pod.status.container_statuses
+        ) or []
+        status = next((s for s in statuses if s.name == container), None)
+        state = status.state if status is not None else None
+        if state is None:
+            return False
+        if state.running is not None:
+            return True
+        if state.waiting is not None:
+            last[0] = f"waiting: {state.waiting.reason}"
+            if state.waiting.reason in PULL_ERRORS:
+                why = f"{state.waiting.reason}: {state.waiting.message or 'no details'}"
+                if self.image == DEFAULT_AGENT_IMAGE:
+                    # No registry holds the default: say how to make one that exists.
+                    raise AgentError(
+                        f"no agent image is configured and the default {self.image} cannot "
+                        f"be pulled ({why}); build it with `make agent-image`, push it to a "
+                        "registry your nodes can pull from, and set agent.image or "
+                        "--agent-image (README: The agent image)"
+                    )
+                raise AgentError(
+                    f"the agent image {self.image} cannot be pulled ({why}); "
+                    "set agent.image or --agent-image"
+                )
+        if state.terminated is not None:
+            t = state.terminated
+            why = str(t.message or t.reason or t.exit_code)
+            if "cannot listen" in why:
+                why += f" (something else in the pod uses port {self.port}: set agent.port)"
+            raise AgentError(f"the agent exited: {why}")
+        return False
+
+
+def _lowercase_watch(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` sending ``watch=true`` as client-go does, not Python's ``True``.
+
+    API servers accept both; the emulator used in the tests only the former. The
+    docstring is kept: Watch reads the type of the events from it.
+    """
+
+    @functools.wraps(func)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("watch") is True:
+            kwargs["watch"] = "true"
+        return func(*args, **kwargs)
+
+    return call
+
+
+async def _watch_pods(
+    cluster: KubeCluster,
+    done: Callable[[Any], bool],
+    *,
+    deadline: float,
+    field_selector: str | None = None,
+    label_selector: str | None = None,
+) -> None:
+    """Return once ``done(pod)`` is true for a pod of the namespace; it may raise.
+
+    The pods are listed first (one already in its final state is not missed), then
+    watched from the listing's version; a watch the server ends is resumed with a new
+    listing. Raises :class:`TimeoutError` at ``deadline`` (event loop time) and a
+    one-line error when the API server refuses. ``done`` sees every pod the server
+    sends: it must check the name or labels itself.
+    """
+    from kubernetes_asyncio import watch
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    ns = cluster.namespace
+    selectors: dict[str, str] = {}
+    if field_selector is not None:
+        selectors["field_selector"] = field_selector
+    if label_selector is not None:
+        selectors["label_selector"] = label_selector
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout_at(deadline):
+        while True:
+            try:
+                listing = await cluster.core.list_namespaced_pod(ns, **selectors)
+            except Exception as exc:
+                raise api_error(exc, verb="list", resource="pods", namespace=ns) from None
+            if any(done(pod) for pod in listing.items or []):
+                return
+            version = listing.metadata.resource_version if listing.metadata else None
+            started = loop.time()
+            remaining = max(1, math.ceil(deadline - started))
+            async with watch.Watch() as pods:
+                stream = pods.stream(
+                    _lowercase_watch(cluster.core.list_namespaced_pod),
+                    ns,
+                    resource_version=version,
+                    timeout_seconds=remaining,
+                    **selectors,
+                )
+                try:
+                    async for event in stream:
+                        if event["type"] in ("ADDED", "MODIFIED") and done(event["object"]):
+                            return
+                except ApiException as exc:
+                    if exc.status != 410:  # 410 Gone: the version is too old; list again
+                        raise api_error(exc, verb="watch", resource="pods", namespace=ns) from None
+                except (aiohttp.ClientError, OSError) as exc:
+                    raise api_error(exc, verb="watch", resource="pods", namespace=ns) from None
+            log.debug("the watch of pods in %s ended; listing again", ns)
+            if loop.time() - started < WATCH_MIN_LIFETIME:
+                # A server that ends every watch at once must not be hammered.
+                await asyncio.sleep(WATCH_MIN_LIFETIME)

@@ -1,0 +1,144 @@
+"""Small socket operations shared by the agent, the daemon and the HTTP router.
+
+Nothing here knows about the tunnel or HTTP: these are the few system calls
+whose details (option numbers, address layouts, the clean-up on failure) should
+be written once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h, same value for IP6T_SO_ORIGINAL_DST
+
+#: Socket buffers of the tunnel's own connection: room for several messages in
+#: flight, so neither end waits on the other for each one.
+TUNNEL_SOCKET_BUFFER = 4 * 1024 * 1024
+
+#: Listen backlog of the sockets that take redirected connections.
+BACKLOG = 4096
+
+
+@functools.cache
+def has_ipv6() -> bool:
+    """Whether this network namespace has IPv6 loopback (a socket can bind ``::1``).
+
+    Cached: a process asks for the namespace it runs in, which does not change
+    once it is there (the agent enters its target before it asks).
+    """
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def original_destination(sock: Any) -> tuple[str, int] | None:
+    """Where a redirected connection was going, from conntrack (None if not redirected).
+
+    conntrack also answers for a connection no rule touched: with the socket's own
+    address. That is someone connecting to our listener directly, and counts as not
+    redirected (answering it by connecting to the "original" would connect to
+    ourselves).
+    """
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        else:
+            raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            host = socket.inet_ntop(socket.AF_INET, raw[4:8])
+        port: int = struct.unpack_from("!H", raw, 2)[0]
+        local = sock.getsockname()
+    except OSError:
+        return None
+    if port == local[1] and host == local[0]:
+        return None
+    return host, port
+
+
+def abort_with_reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close a TCP transport so the peer sees RST, not FIN."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()  # type: ignore[attr-defined]
+
+
+def tune_tunnel_socket(sock: Any) -> None:
+    """Large buffers (and no Nagle delay) on the connection that carries the tunnel."""
+    if sock is None:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, TUNNEL_SOCKET_BUFFER)
+        except OSError:
+            pass
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+async def listen_any_port(
+    factory: Callable[[], asyncio.BaseProtocol],
+) -> list[tuple[int, asyncio.AbstractServer, int]]:
+    """Listen on a free port of every address family this namespace has.
+
+    One socket for ``0.0.0.0`` and, where IPv6 works, one ``IPV6_V6ONLY`` socket
+    for ``::`` (REDIRECT keeps the family, so each family needs its own port).
+    Returns ``(family, server, port)`` with family 4 or 6. On failure nothing is
+    left listening.
+    """
+    loop = asyncio.get_running_loop()
+    families = [(4, socket.AF_INET, "0.0.0.0")]
+    if has_ipv6():
+        families.append((6, socket.AF_INET6, "::"))
+    opened: list[tuple[int, asyncio.AbstractServer, int]] = []
+    for family, af, host in families:
+        sock = socket.socket(af, socket.SOCK_STREAM)
+        try:
+            if af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((host, 0))
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+            server = await loop.create_server(factory, sock=sock, backlog=BACKLOG)
+        except OSError:
+            sock.close()
+            for _, other, _ in opened:
+                other.close()
+            raise
+        opened.append((family, server, sock.getsockname()[1]))
+    return opened
+
+
+async def connect_marked(address: tuple[str, int], *, mark: int) -> socket.socket:
+    """A connected non-blocking TCP socket to ``address``, carrying ``mark`` (SO_MARK).
+
+    The mark lets the connection pass the session's own REDIRECT rules, so a
+    connection to a stolen port reaches the target's server, not netmirror again.
+    Raises OSError (the socket is closed) if the connection fails.
+    """
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
