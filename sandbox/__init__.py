@@ -42,6 +42,23 @@ LOCK_DIR = Path("/run/lock/netmirror-sandbox")
 _SANDBOX_ADDRESS = re.compile(r"\binet 198\.18\.(\d+)\.\d+/")
 
 
+def hold_lock(path: Path) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created), held by the returned descriptor
+    until it is closed or this process ends; None if another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+    return fd
+
+
 class IndexLock:
     """An exclusive ``flock`` on ``LOCK_DIR/<index>``: this process uses that index."""
 
@@ -52,18 +69,8 @@ class IndexLock:
     @classmethod
     def take(cls, index: int) -> IndexLock | None:
         """Hold ``index``'s lock; None if another process holds it."""
-        LOCK_DIR.mkdir(parents=True, exist_ok=True)
-        fd = os.open(LOCK_DIR / str(index), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
-        return cls(index, fd)
+        fd = hold_lock(LOCK_DIR / str(index))
+        return None if fd is None else cls(index, fd)
 
     def release(self) -> None:
         """Let the index go (safe to call twice)."""

@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 ROUTER_START_TIMEOUT = 15.0
 #: Seconds a router may take to give its port back once it has lingered.
-ROUTER_STOP_WAIT = 3.0
-#: Seconds a router this agent started may finish relaying after it gave the port back.
-ROUTER_DRAIN_WAIT = 1.0
+ROUTER_STOP_WAIT = 2.0
+#: Seconds a router this agent started may take to finish relaying, once it gave the port back.
+ROUTER_DRAIN_WAIT = 0.5
 #: The directory netmirror is imported from: the router must import this very copy.
 SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -110,19 +110,20 @@ class HttpShare:
         # In a container, a router is a process of the agent that started it and dies
         # with that agent's container, before it could give the port back: when this
         # was the port's last session, wait until the router has removed its rule and
-        # left (it does once no session is registered). If other sessions still use
-        # it, it dies with us, and their agents start another.
+        # left. If other sessions still use it, it dies with us (their agents then
+        # start another).
         router, self._router = self._router, None
         ours = router is not None and router.returncode is None
-        if not last and ours:
-            log.info("port %d: other sessions use the HTTP router; it ends with us", self.port)
-            return
-        if last and (registered or ours):
-            if not await self._router_gone(ROUTER_LINGER + ROUTER_STOP_WAIT):
-                return  # still there: another session registered meanwhile
-            if router is not None:
-                # Rule and registry are gone; let it finish what it relays, briefly.
-                await _exited(router, ROUTER_DRAIN_WAIT)
+        wait = ROUTER_LINGER + ROUTER_STOP_WAIT
+        if ours:
+            assert router is not None
+            # Ours, maybe still starting: it leaves by itself once no session is
+            # registered, after giving the port back and finishing what it relays.
+            if not last or not await _exited(router, wait + ROUTER_DRAIN_WAIT):
+                log.info("port %d: other sessions use the HTTP router; it ends with us", self.port)
+                return
+        elif last and registered and not await self._router_gone(wait):
+            return  # still there: another session registered meanwhile
         if not router_listening(self.port):
             # No router holds the port: a chain of its session is one a router left when
             # it was killed with another agent's container. Nothing else would remove it.

@@ -11,11 +11,11 @@ and each one is checked free by binding it on every address before it is given.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import socket
 from pathlib import Path
+
+from sandbox import hold_lock
 
 LOCK_DIR = Path("/run/lock/netmirror-test-ports")
 #: Where test ports come from (what lies in the ephemeral range is left out).
@@ -45,18 +45,7 @@ def _candidates() -> list[int]:
 
 def _lock(port: int) -> int | None:
     """The descriptor of ``port``'s lock, now held; None if another process holds it."""
-    LOCK_DIR.mkdir(parents=True, exist_ok=True)
-    fd = os.open(LOCK_DIR / str(port), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            return None
-        raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
-    return fd
+    return hold_lock(LOCK_DIR / str(port))
 
 
 def _bindable(port: int) -> bool:
