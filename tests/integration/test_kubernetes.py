@@ -42,6 +42,7 @@ from sandbox.containers import Podman
 from tests.integration.conftest import REPO, Env, free_port
 from tests.support import token_plugin
 from tests.support.fake_portforward import FakePortForward
+from tests.support.kubeconfig import write_kubeconfig
 from tests.support.waiting import eventually_async
 from tests.unit.test_manifests import field_problems
 
@@ -444,24 +445,6 @@ def _delete_netns(name: str) -> None:
     subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-def write_kubeconfig(path: Path, server: str, user: dict[str, Any]) -> Path:
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": server}}],
-                "users": [{"name": "dev", "user": user}],
-                "contexts": [
-                    {"name": "fake", "context": {"cluster": "fake", "user": "dev", "namespace": NS}}
-                ],
-                "current-context": "fake",
-            }
-        )
-    )
-    return path
-
-
 @pytest.fixture
 async def cluster(
     env: Env, tmp_path: Path, agent_podman: tuple[Podman, str]
@@ -469,7 +452,9 @@ async def cluster(
     kenv = env.env | {"NETMIRROR_AGENT_IMAGE": IMAGE}
     podman, image = agent_podman
     async with FakeCluster(env.sandbox, kenv, tmp_path / "kubelet.log", podman, image) as fake:
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url, {"token": "dev-token"})
+        kubeconfig = write_kubeconfig(
+            tmp_path / "kubeconfig", fake.url, {"token": "dev-token"}, namespace=NS
+        )
         kenv = kenv | {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO)}
         yield fake, kenv
 
@@ -504,7 +489,7 @@ async def expiring_cluster(
                 "interactiveMode": "Never",
             }
         }
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url, plugin)
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", fake.url, plugin, namespace=NS)
         kenv = kenv | {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO)}
         yield fake, kenv, runs
 

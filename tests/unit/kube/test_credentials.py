@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,6 +23,7 @@ from netmirror.errors import AgentError, NetmirrorError
 from netmirror.kube.cluster import KubeCluster, api_error
 from netmirror.kube.portforward import open_stream
 from tests.support.fake_portforward import FakePortForward
+from tests.support.kubeconfig import write_kubeconfig
 
 NS = "x"
 POD = "p"
@@ -128,24 +128,6 @@ async def api_server(accept: Callable[[str], bool]) -> AsyncIterator[tuple[FakeA
         await echo_server.wait_closed()
 
 
-def write_kubeconfig(path: Path, server: str, user: dict[str, Any]) -> Path:
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": server}}],
-                "users": [{"name": "dev", "user": user}],
-                "contexts": [
-                    {"name": "fake", "context": {"cluster": "fake", "user": "dev", "namespace": NS}}
-                ],
-                "current-context": "fake",
-            }
-        )
-    )
-    return path
-
-
 def exec_user(tmp_path: Path, *, fail_from: int | None = None) -> tuple[dict[str, Any], Path]:
     script = tmp_path / "plugin.py"
     script.write_text(PLUGIN)
@@ -168,7 +150,7 @@ def exec_user(tmp_path: Path, *, fail_from: int | None = None) -> tuple[dict[str
 async def connected(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: str, user: dict[str, Any]
 ) -> AsyncIterator[KubeCluster]:
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server, user)
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server, user, namespace=NS)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     cluster = await KubeCluster.connect(context=None, namespace=None)
     try:
