@@ -378,6 +378,7 @@ class Agent:
             filter_json=filter_json,
             backend=self.backend,
             factory=functools.partial(InboundBridge, self.link, sub, ("0.0.0.0", port)),
+            in_container=self.options.in_container,
         )
         try:
             await share.start()

@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument(
         "--target-pid", type=int, help="the target's main process (environment, resolver)"
     )
+    agent.add_argument(
+        "--in-container",
+        action="store_true",
+        help="the agent runs in a container of its own: what it starts ends with it",
+    )
     agent.add_argument("--debug", action="store_true", help="verbose logs")
     return agent
 
@@ -231,5 +236,6 @@ def main(argv: Sequence[str] | None = None, *, debug: bool = False) -> int:
         container_id=args.container_id,
         target_pid=args.target_pid,
         debug=debug,
+        in_container=args.in_container,
     )
     return run(options)

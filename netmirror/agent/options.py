@@ -21,3 +21,6 @@ class AgentOptions:
     target_pid: int | None = None
     """The target's main process (environment, resolver files); found when unset."""
     debug: bool = False
+    in_container: bool = False
+    """The agent runs in a container of its own (Kubernetes): the processes it starts
+    end with it, the HTTP routers of shared ports among them."""

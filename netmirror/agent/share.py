@@ -52,8 +52,11 @@ class HttpShare:
         filter_json: dict[str, Any],
         backend: Backend,
         factory: Callable[[], asyncio.Protocol],
+        in_container: bool = False,
     ) -> None:
         self.port = port
+        self.in_container = in_container
+        """A router this agent starts ends with the agent's container."""
         self.session = session
         self.filter_json = filter_json
         self.backend = backend
@@ -115,12 +118,24 @@ class HttpShare:
         router, self._router = self._router, None
         ours = router is not None and router.returncode is None
         wait = ROUTER_LINGER + ROUTER_STOP_WAIT
+        if ours and self.in_container:
+            assert router is not None
+            # It ends with this container. When this was the last session it leaves by
+            # itself; otherwise (or if it does not) stop it now, so it gives the port
+            # back (clients reach the target's own server, not a dead port) and the
+            # other sessions' agents start another at once.
+            if not last or not await _exited(router, wait + ROUTER_DRAIN_WAIT):
+                log.info("port %d: handing the HTTP router over to the other sessions", self.port)
+                with contextlib.suppress(ProcessLookupError):
+                    router.terminate()
+                await _exited(router, ROUTER_STOP_WAIT)
+            return
         if ours:
             assert router is not None
             # Ours, maybe still starting: it leaves by itself once no session is
             # registered, after giving the port back and finishing what it relays.
             if not last or not await _exited(router, wait + ROUTER_DRAIN_WAIT):
-                log.info("port %d: other sessions use the HTTP router; it ends with us", self.port)
+                log.info("port %d: other sessions use the HTTP router; it stays", self.port)
                 return
         elif last and registered and not await self._router_gone(wait):
             return  # still there: another session registered meanwhile

@@ -827,9 +827,20 @@ async def test_http_filter_two_sessions_share_the_pods_port(
     assert await answer("x-dev: bob") == "bob\n"
     assert await answer() == "pod\n"
     assert await answer("x-dev: carol") == "pod\n"
-    for who in ("alice", "bob"):
-        code, _, err = await run(kenv, "down", "--session", who)
-        assert code == 0, err
+    # Alice leaves first. Her agent's container held the port's router: it hands the
+    # port over, and bob's agent starts another; bob's requests keep coming to him,
+    # and nobody else's are refused meanwhile.
+    code, _, err = await run(kenv, "down", "--session", "alice")
+    assert code == 0, err
+    assert await answer() == "pod\n"
+
+    async def bob_again() -> bool:
+        return await answer("x-dev: bob") == "bob\n"
+
+    await eventually_async(bob_again, 10, "bob's requests did not come back to him")
+    assert await answer("x-dev: alice") == "pod\n"
+    code, _, err = await run(kenv, "down", "--session", "bob")
+    assert code == 0, err
     for agent in fake.agents:
         await asyncio.to_thread(agent.wait, 10)
     assert env.chains() == ""

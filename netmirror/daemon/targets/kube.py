@@ -54,6 +54,7 @@ def agent_args(settings: AgentSettings, port: int) -> list[str]:
         f"{settings.ttl:g}",
         "--token-sha256",
         token_sha256(settings.token).hex(),
+        "--in-container",
     ]
 
 
