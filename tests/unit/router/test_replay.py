@@ -26,6 +26,7 @@ from netmirror.router.router import (
     Upstream,
 )
 from netmirror.wire.httpfilter import HttpFilter
+from tests.support.fake_transport import FakeTransport
 
 PORT = 8080
 SESSION = "alice"
@@ -47,52 +48,6 @@ class FakeSock:
         return ("127.0.0.1", 40000)
 
 
-class FakeTransport:
-    """A socket's transport: records what is written and how it ends."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.reading = True
-        self.closing = False
-        self.closed = False
-        self.aborted = False
-        self.eof_written = False
-
-    def write(self, data: bytes) -> None:
-        assert not self.closing, "write after close"
-        self.written += data
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof_written = True
-
-    def close(self) -> None:
-        self.closing = self.closed = True
-
-    def abort(self) -> None:
-        self.closing = self.aborted = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return FakeSock() if name == "socket" else default
-
-
 class Network:
     """Stands in for connect_upstream: every upstream the router connects, by target."""
 
@@ -108,7 +63,7 @@ class Network:
         if up.target in self.refuse:
             self.upstreams.append((up, None))
             raise ConnectionRefusedError(f"session {up.target} left")
-        transport = FakeTransport()
+        transport = FakeTransport(sock=FakeSock())
         self.upstreams.append((up, transport))
         up.connection_made(transport)  # type: ignore[arg-type]
 
@@ -146,7 +101,7 @@ class Client:
 
     def __init__(self, router: Router) -> None:
         self.conn = ClientConnection(router)
-        self.transport = FakeTransport()
+        self.transport = FakeTransport(sock=FakeSock())
         self.conn.connection_made(self.transport)  # type: ignore[arg-type]
 
     def send(self, data: bytes) -> None:

@@ -24,65 +24,12 @@ from netmirror.wire import (
 )
 from netmirror.wire.frames import CREDIT, FrameType
 from netmirror.wire.stats import PortStats
+from tests.support.fake_transport import FakeTransport
 from tests.unit.wire._support import DST, SRC, connected, parse_frames, pump
 
 INITIAL = 4096
 MAXIMUM = 32 * 1024
 LIMITS = Limits(max_frame_size=1024, initial_window=INITIAL, max_window=MAXIMUM)
-
-
-class FakeTransport:
-    """What a StreamBridge uses of an asyncio transport, recording every call."""
-
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.buffered = 0  # what get_write_buffer_size() answers
-        self.reading = True
-        self.pauses = 0
-        self.resumes = 0
-        self.closing = False
-        self.closed = False
-        self.aborted = False
-        self.eof_written = False
-        self.high_water: int | None = None
-
-    def write(self, data: bytes | memoryview) -> None:
-        assert not self.closing, "write after close"
-        self.written += data
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self.high_water = high
-
-    def pause_reading(self) -> None:
-        assert self.reading, "paused twice"
-        self.reading = False
-        self.pauses += 1
-
-    def resume_reading(self) -> None:
-        assert not self.reading, "resumed while reading"
-        self.reading = True
-        self.resumes += 1
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.eof_written = True
-
-    def close(self) -> None:
-        self.closing = self.closed = True
-
-    def abort(self) -> None:
-        self.closing = self.aborted = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
 
 
 class IdleSocket:
@@ -103,7 +50,7 @@ class Pair:
         self.stats = PortStats()
         self.bridge = StreamBridge(self.tunnel, self.stats, inbound=True, stream_id=self.sid)
         self.tunnel.attach(self.bridge)
-        self.transport = FakeTransport()
+        self.transport = FakeTransport(strict=True)
         self.credits: list[int] = []  # CREDIT amounts the bridge queued, in order
         self.to_daemon = bytearray()  # stream bytes the daemon received
         self.daemon_events: list[Any] = []
