@@ -4,9 +4,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEBIAN_PACKAGES := iproute2 iptables curl iperf3 socat procps tcpdump libpcap0.8 python3-venv
+DEBIAN_PACKAGES := iproute2 iptables curl iperf3 socat procps tcpdump libpcap0.8 python3-venv \
+	fuse3 libfuse3-dev pkg-config gcc python3-dev
 # Commands whose absence means the Debian packages above must be installed.
-NEEDED_COMMANDS := ip iptables iptables-legacy curl iperf3 socat pgrep tcpdump
+NEEDED_COMMANDS := ip iptables iptables-legacy curl iperf3 socat pgrep tcpdump fusermount3 gcc pkg-config
 
 .PHONY: deps system-deps image-deps demo test lint bench clean agent-image
 
@@ -15,6 +16,8 @@ deps: system-deps $(VENV)/.installed
 system-deps:
 	@missing=""; for c in $(NEEDED_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	if ! $(PYTHON) -m venv --help >/dev/null 2>&1; then missing="$$missing python3-venv"; fi; \
+	if ! pkg-config --exists fuse3 2>/dev/null; then missing="$$missing libfuse3-dev"; fi; \
+	if [ ! -e "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then missing="$$missing python3-dev"; fi; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages (missing:$$missing)"; \
 	  if [ "$$(id -u)" != 0 ]; then echo "run as root to install: $(DEBIAN_PACKAGES)"; exit 1; fi; \

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from netmirror import __version__
 from netmirror.agent.bridges import InboundBridge, OutboundBridge
+from netmirror.agent.files import FileError, FileService
 from netmirror.agent.link import Link
 from netmirror.agent.mirror.capture import CaptureMirror
 from netmirror.agent.mirror.passthrough import PassthroughBridge
@@ -52,7 +53,7 @@ TICK = 0.25
 WS_HEARTBEAT = 10.0
 RESOLVER_REFRESH = 5.0
 #: What this agent offers besides ports, announced in its welcome.
-FEATURES = ("connect", "resolve", "environ")
+FEATURES = ("connect", "resolve", "environ", "files")
 
 
 class Agent:
@@ -81,6 +82,7 @@ class Agent:
         self._detached_since: float | None = time.monotonic()
         self.outgoing = PortStats()
         self._resolver: tuple[float, TargetResolver] | None = None
+        self.files = FileService(lambda: self.options.target_pid or find_target_pid())
 
     @property
     def tunnel(self) -> Tunnel | None:
@@ -191,6 +193,18 @@ class Agent:
                     name=f"connect-{event.stream_id}",
                 )
                 return
+            case StreamKind.FILE_READ:
+                self.tasks.spawn(
+                    self.files.serve_read(tunnel, event.stream_id, event.info),
+                    name=f"file-read-{event.stream_id}",
+                )
+                return
+            case StreamKind.FILE_WRITE:
+                self.tasks.spawn(
+                    self.files.open_write(tunnel, event.stream_id, event.info),
+                    name=f"file-write-{event.stream_id}",
+                )
+                return
             case StreamKind.STOLEN | StreamKind.MIRROR | StreamKind.PCAP:
                 reason = f"{kind.value} streams are opened by the agent, not the daemon"
             case None:
@@ -216,9 +230,11 @@ class Agent:
                     raise NetmirrorError("no process of the target was found to read")
                 env = await asyncio.to_thread(read_environment, pid)
                 result = {"pid": pid, "env": env}
+            elif req.op.startswith("fs."):
+                result = await self.files.request(req.op, req.args)
             else:  # the protocol refuses unknown ops before they get here
                 raise NetmirrorError(f"unknown request {req.op!r}")
-        except (NetmirrorError, OSError, ValueError) as exc:
+        except (NetmirrorError, OSError, ValueError, FileError) as exc:
             if tunnel is self.tunnel:
                 tunnel.conn.reply(req.request_id, error=str(exc))
                 tunnel.kick()

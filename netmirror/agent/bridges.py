@@ -125,5 +125,3 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-

@@ -238,10 +238,6 @@ class TargetResolver:
         return Answer("NOERROR", tuple(rd.to_text() for rd in result.rrset), ttl, found)
 
 
-
-
-
-
 def _parse_name(text: str) -> dns.name.Name | None:
     """The name to resolve, relative unless it ends with a dot; None if invalid."""
     if len(text) > _MAX_NAME_TEXT:
@@ -263,8 +259,6 @@ def _is_address(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
 
 
 def _strip_comment(line: str) -> str:

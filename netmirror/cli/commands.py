@@ -68,6 +68,10 @@ def _config(args: argparse.Namespace, **more: Any) -> Config:
             context=args.context,
             agent_mode=args.agent_mode,
             http_filter=_http_filter(args),
+            files=None if args.files is None else args.files == "on",
+            files_ro=tuple(args.files_ro or ()),
+            files_rw=tuple(args.files_rw or ()),
+            files_local=tuple(args.files_local or ()),
             **more,
         ),
     )
@@ -153,8 +157,23 @@ def cmd_exec(args: argparse.Namespace) -> int:
         if info.get("proxy_env"):
             # No transparent redirection here: programs that honour proxy variables.
             env.update(info["proxy_env"])
+        mounts = None
+        files = info.get("files") or {}
+        if files.get("root"):
+            from netmirror.cli.files import command_plan
+            from netmirror.wire.files import ROOT_VARIABLE
+
+            env[ROOT_VARIABLE] = files["root"]
+            plan, warnings = command_plan(files)
+            for warning in warnings:
+                _err(f"warning: {warning}")
+            workspace = sdir.path / "ns"
+            workspace.mkdir(exist_ok=True)
+            mounts = (plan, workspace, str(files["root"]))
+        elif config.files.enabled:
+            _err(f"warning: the command sees this machine's files only: {files.get('error')}")
         say_exec(sdir.name, outcome, command, env_pid=info.get("env_pid"))
-        return run_command(command, env, Path(cgroup_path) if cgroup_path else None)
+        return run_command(command, env, Path(cgroup_path) if cgroup_path else None, mounts=mounts)
     finally:
         cgroup = Cgroup.for_session(sdir.name) if cgroup2_root() is not None else None
         if cgroup is not None:

@@ -58,6 +58,30 @@ def _session_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--namespace", help="Kubernetes namespace of the target")
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--timeout", type=float, help="seconds to wait until ready")
+    parser.add_argument(
+        "--files",
+        choices=["on", "off"],
+        help="the target's files: its root at $NETMIRROR_ROOT, its volumes at their paths "
+        "(default on)",
+    )
+    parser.add_argument(
+        "--files-ro",
+        action="append",
+        metavar="PATH",
+        help="show the target's PATH at its own path, read-only (repeatable)",
+    )
+    parser.add_argument(
+        "--files-rw",
+        action="append",
+        metavar="PATH",
+        help="show the target's PATH at its own path; changes go to the target (repeatable)",
+    )
+    parser.add_argument(
+        "--files-local",
+        action="append",
+        metavar="PATH",
+        help="keep this machine's PATH inside a tree taken from the target (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

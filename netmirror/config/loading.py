@@ -216,6 +216,14 @@ class Overrides:
     outgoing_exclude: Sequence[str] = ()
     outgoing_method: str | None = None
     """Sets ``outgoing.method``."""
+    files: bool | None = None
+    """Sets ``files.enabled``."""
+    files_ro: Sequence[str] = ()
+    """Paths appended to ``files.read_only``."""
+    files_rw: Sequence[str] = ()
+    """Paths appended to ``files.read_write``."""
+    files_local: Sequence[str] = ()
+    """Paths appended to ``files.local``."""
     """Networks appended to ``outgoing.exclude``."""
 
 
@@ -331,6 +339,12 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
     if flags.outgoing_method is not None:
         put(("outgoing", "method"), flags.outgoing_method, "outgoing.method")
 
+    if flags.files is not None:
+        put(("files", "enabled"), flags.files, "--files")
+    add_items(("files", "read_only"), flags.files_ro, replace=False)
+    add_items(("files", "read_write"), flags.files_rw, replace=False)
+    add_items(("files", "local"), flags.files_local, replace=False)
+
     def locate(loc: tuple[int | str, ...]) -> tuple[str | None, tuple[int | str, ...]]:
         # The most specific recorded origin wins; a variable or flag sets exactly
         # one value, so its name replaces the key path instead of preceding it.
@@ -346,8 +360,6 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
         raise ConfigError(_render(err, locate)) from None
 
 
-
-
 def parse_config(data: Mapping[str, Any], *, source: str | None = None) -> Config:
     """Validate already-parsed data into a :class:`Config`.
 
@@ -357,6 +369,3 @@ def parse_config(data: Mapping[str, Any], *, source: str | None = None) -> Confi
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source=source)) from None
-
-
-

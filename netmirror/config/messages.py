@@ -181,5 +181,3 @@ def format_validation_error(err: ValidationError, *, source: str | None = None) 
     others, since fixing one often fixes the rest.
     """
     return _render(err, lambda loc: (source, loc))
-
-

@@ -472,6 +472,53 @@ class OutgoingConfig(BaseModel):
         return not any(ip in network for network in _networks(tuple(self.exclude)))
 
 
+def _check_file_pattern(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path (a glob such as /app/config/** is allowed)")
+    if "\0" in value or not value.rstrip("/*"):
+        raise ValueError("must name a path below /")
+    return value
+
+
+FilePattern = Annotated[str, AfterValidator(_check_file_pattern)]
+
+
+class FilesConfig(BaseModel):
+    """The target's files, for the local process."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        default=True,
+        description="Mount the target container's root (read-only) at $NETMIRROR_ROOT for "
+        "netmirror exec's command (and under the session's directory for up), and put its "
+        "volume mounts, /etc/hosts, /etc/resolv.conf, /etc/hostname and the paths below at "
+        "their own paths for the command.",
+    )
+    read_only: list[FilePattern] = Field(
+        default_factory=list,
+        description="More of the target's paths the command sees at their own path, "
+        "read-only (absolute; '/app/config/**' means the tree; other globs are matched "
+        "against the target's files).",
+    )
+    read_write: list[FilePattern] = Field(
+        default_factory=list,
+        description="The target's paths the command sees at their own path and may change: "
+        "creating, writing, truncating, renaming, removing and chmod go to the target.",
+    )
+    local: list[FilePattern] = Field(
+        default_factory=list,
+        description="Paths inside the trees above that stay this machine's.",
+    )
+    timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Seconds a file operation waits for the tunnel to the target before it "
+        "fails with EIO.",
+    )
+
+
 class Config(BaseModel):
     """netmirror configuration: what to attach to, and which of its ports to take."""
 
@@ -511,6 +558,10 @@ class Config(BaseModel):
         default_factory=OutgoingConfig,
         description="netmirror exec: which of the command's outgoing connections and name "
         "lookups go through the target.",
+    )
+    files: FilesConfig = Field(
+        default_factory=FilesConfig,
+        description="The target's files: its root, its volumes and the paths named here.",
     )
 
     @field_validator("target")
@@ -552,5 +603,3 @@ class Config(BaseModel):
     def active_ports(self) -> list[PortConfig]:
         """The ports whose mode is not ``off``, in configuration order."""
         return [port for port in self.ports if port.mode != "off"]
-
-

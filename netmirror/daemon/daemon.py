@@ -37,6 +37,7 @@ from netmirror.wire.session import SessionDir, SessionRecord, pid_alive, pid_sta
 from netmirror.wire.stats import (
     AgentReport,
     AgentStatus,
+    FilesStatus,
     HttpStatus,
     MirrorCounters,
     PortReport,
@@ -48,6 +49,8 @@ from netmirror.wire.stats import (
 
 if TYPE_CHECKING:  # loaded by `netmirror exec` only
     from netmirror.daemon.exec.outgoing import Outgoing
+    from netmirror.daemon.files import FilesMount
+    from netmirror.daemon.targets.base import Target
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,9 @@ class Daemon:
         self.agent_report = AgentReport()
         self._agent_stopping = False
         self.pcap: PcapWriter | None = None
+        self.target: Target | None = None
+        self.files: FilesMount | None = None
+        self.files_status: FilesStatus | None = None
 
     # --- tunnel events -----------------------------------------------------------
 
@@ -165,8 +171,8 @@ class Daemon:
                 tunnel.kick()
             case StreamKind.STOLEN | StreamKind.MIRROR:
                 self._open_connection(tunnel, event, copy=kind is StreamKind.MIRROR)
-            case StreamKind.CONNECT:
-                tunnel.conn.reset(event.stream_id, "connect streams are opened by the daemon")
+            case StreamKind.CONNECT | StreamKind.FILE_READ | StreamKind.FILE_WRITE:
+                tunnel.conn.reset(event.stream_id, f"{kind.value} streams are opened by the daemon")
                 tunnel.kick()
             case None:
                 tunnel.conn.reset(event.stream_id, "unknown kind of stream")
@@ -282,6 +288,57 @@ class Daemon:
             else:
                 result["proxy_env"] = self.outgoing.proxy_env
         return result
+
+    async def _start_files(self) -> dict[str, Any]:
+        """Mount the target's root; what the command needs to see its files at their paths.
+
+        Files are an addition: when they cannot be had, the session goes on without
+        them and says why (``error``).
+        """
+        assert self.tunnel is not None
+        files = self.config.files
+        if "files" not in (self.tunnel.conn.peer_info.get("features") or []):
+            version = self.tunnel.conn.peer_info.get("version", "unknown")
+            return {"error": f"the agent (netmirror {version}) cannot serve files"}
+        self.progress.step("mounting the target's files")
+        try:
+            info = await asyncio.wait_for(self.ask("fs.info", {}), SUBSCRIBE_TIMEOUT)
+            from netmirror.daemon.files import FilesMount, new_volumes
+            from netmirror.daemon.files.fuse import TargetFS
+            from netmirror.daemon.files.remote import RemoteFiles
+
+            remote = RemoteFiles(tunnel_of=self._live_tunnel, ask=self.ask, timeout=files.timeout)
+            writable = [p.removesuffix("/**") for p in files.read_write]
+            operations = TargetFS(
+                remote,
+                writable=writable,
+                spawn=lambda coro, name: self.tasks.spawn(coro, name=name),
+            )
+            mount = FilesMount(
+                self.sdir.path / "root",
+                operations,
+                spawn=lambda coro, name: self.tasks.spawn(coro, name=name),
+            )
+            await mount.start()
+        except (NetmirrorError, TimeoutError, OSError, ImportError) as exc:
+            log.warning("the target's files are not available: %s", exc)
+            return {"error": str(exc) or "no answer"}
+        self.files = mount
+        known = self.target.volume_paths if self.target is not None else None
+        if known is None:
+            from netmirror.mounts import table
+
+            volumes = new_volumes(list(info.get("mounts") or []), table.read())
+        else:
+            volumes = list(known)
+        self.files_status = FilesStatus(root=str(mount.point), volumes=volumes, writable=writable)
+        return {
+            "root": str(mount.point),
+            "volumes": volumes,
+            "read_only": list(files.read_only),
+            "read_write": list(files.read_write),
+            "local": list(files.local),
+        }
 
     async def _watch_owner(self, pid: int, start: int) -> None:
         """End the session when the netmirror exec that owns it is gone."""
@@ -423,7 +480,18 @@ class Daemon:
             capture=self.agent_report.capture,
             outgoing=self.outgoing.status() if self.outgoing is not None else None,
             pcap=self.pcap.status() if self.pcap is not None else None,
+            files=self._files_status(),
         )
+
+    def _files_status(self) -> FilesStatus | None:
+        status = self.files_status
+        if status is None or self.files is None:
+            return status
+        fs = self.files.operations
+        status.requests = fs.requests
+        status.bytes_read = fs.remote.stats.bytes_in
+        status.bytes_written = fs.remote.stats.bytes_out
+        return status
 
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -489,6 +557,14 @@ class Daemon:
                     log.error("%s", exc)
                     self.progress.send(error=str(exc))
                     return 1
+            if self.config.files.enabled:
+                files_start = self.tasks.spawn(self._start_files(), name="files-start")
+                await asyncio.wait([files_start, stop], return_when=asyncio.FIRST_COMPLETED)
+                if not files_start.done():
+                    files_start.cancel()
+                    self.progress.send(error="stopped while starting")
+                    return 1
+                exec_info["files"] = files_start.result()
             self.state = "ready"
             self.progress.send(ready=True, status=to_json(self.status()), exec=exec_info)
             self.progress.close()
@@ -502,6 +578,7 @@ class Daemon:
 
     async def _start(self) -> asyncio.Task[str]:
         target = resolve_target(self.record.target, self.config, session=self.record.name)
+        self.target = target
         if self.config.pcap is not None:
             self.pcap = PcapWriter(Path(self.config.pcap.path), self.config.pcap.max_bytes)
         self.progress.step(f"starting the agent in {target.describe()}")
@@ -512,7 +589,8 @@ class Daemon:
             ttl=self.config.agent.ttl,
             ready_timeout=self.config.agent.ready_timeout,
             debug=self.debug,
-            read_environment=bool(self.exec),
+            # Reading another user's environment and root takes the same capability.
+            read_environment=bool(self.exec) or self.config.files.enabled,
         )
         self.agent = await target.start_agent(
             settings, log_file=self.log_file, progress=self.progress.step
@@ -574,6 +652,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("stopping the session")
+        if self.files is not None:
+            await self.files.stop()
         if self.outgoing is not None:
             await self.outgoing.stop()
         # The agent first: it removes its rules before it closes its listeners and

@@ -158,9 +158,7 @@ class NatPlan:
 def validate_session(session: str) -> str:
     """Return ``session`` unchanged if it is a valid session name, else raise ValueError."""
     if not is_session_name(session):
-        raise ValueError(
-            f"invalid session name {session!r}: use {SESSION_NAME_RULE}"
-        )
+        raise ValueError(f"invalid session name {session!r}: use {SESSION_NAME_RULE}")
     return session
 
 
@@ -441,9 +439,7 @@ def clear_stale(backend: Backend, *, alive: Callable[[str], bool]) -> list[str]:
 
 
 class IptablesNat:
-    """The nat REDIRECT rules of one session in the current network namespace.
-
-    """
+    """The nat REDIRECT rules of one session in the current network namespace."""
 
     def __init__(
         self, session: str, *, backend: Backend, families: Sequence[int] = _FAMILIES

@@ -22,6 +22,7 @@ from typing import Any
 
 from netmirror.errors import AuthenticationError, ProtocolError
 from netmirror.wire import events as ev
+from netmirror.wire.files import FILE_OPS
 from netmirror.wire.frames import (
     CREDIT,
     HEADER,
@@ -45,7 +46,7 @@ ZERO_COPY_SHARE = 4
 MAX_REASON = 1024
 
 #: What the daemon may ask the agent with a REQUEST, besides streams and ports.
-OPS = ("resolve", "environ")
+OPS = ("resolve", "environ", *FILE_OPS)
 
 
 def token_sha256(token: str) -> bytes:

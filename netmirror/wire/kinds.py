@@ -25,6 +25,10 @@ class StreamKind(enum.Enum):
     """Agent -> daemon: captured packets as pcap records, for ``--pcap``."""
     CONNECT = "connect"
     """Daemon -> agent: an outgoing connection of the exec command, made in the target."""
+    FILE_READ = "file-read"
+    """Daemon -> agent: a range of one of the target's files (``path``, ``offset``, ``length``)."""
+    FILE_WRITE = "file-write"
+    """Daemon -> agent: bytes to write at ``offset`` of one of the target's files."""
 
 
 def stream_info(kind: StreamKind, **more: Any) -> dict[str, Any]:

@@ -205,6 +205,18 @@ class PcapStatus:
 
 
 @dataclass
+class FilesStatus:
+    """The target's files: where its root is mounted, and what went over the tunnel."""
+
+    root: str = ""
+    volumes: list[str] = field(default_factory=list)
+    writable: list[str] = field(default_factory=list)
+    requests: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
 class SessionStatus:
     """What ``netmirror status`` shows of one session."""
 
@@ -220,6 +232,7 @@ class SessionStatus:
     capture: CaptureStats | None = None
     outgoing: OutgoingStatus | None = None
     pcap: PcapStatus | None = None
+    files: FilesStatus | None = None
     error: str = ""
     """Why the session did not answer, when it did not."""
 

@@ -14,4 +14,3 @@ at most ``MAX_PENDING`` bytes: when the daemon or the local process is slower th
 the real traffic, the copy is dropped and counted; the real traffic is never
 slowed down for it.
 """
-

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class AgentSettings:
     """What the daemon tells a target about the agent it wants."""
@@ -69,6 +70,10 @@ class Target(abc.ABC):
     """Something whose network namespace an agent can join."""
 
     spec: str
+    #: Where the target mounts volumes of its own, known once the agent is started
+    #: (Kubernetes: the container's volumeMounts); other targets' agents read their
+    #: target's mount table instead.
+    volume_paths: list[str] | None = None
 
     @abc.abstractmethod
     def describe(self) -> str:

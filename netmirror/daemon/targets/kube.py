@@ -137,6 +137,15 @@ def agent_job(
     }
 
 
+def volume_paths(pod: Any, container: str) -> list[str]:
+    """Where the target container mounts its volumes (ConfigMaps, Secrets, the
+    service-account token, emptyDirs, claims), from the pod's spec."""
+    for spec in pod.spec.containers or []:
+        if spec.name == container:
+            return [m.mount_path for m in spec.volume_mounts or [] if m.mount_path]
+    return []
+
+
 class KubeAgent(AgentHandle):
     """An agent in the cluster, reached through a local port-forwarding socket."""
 
@@ -221,6 +230,7 @@ class KubeTarget(Target):
         cluster = await KubeCluster.connect(context=self.context, namespace=self.namespace)
         try:
             pod, container = await cluster.resolve(self.kube, say)
+            self.volume_paths = volume_paths(pod, container)
             name = f"netmirror-{settings.session}-{secrets.token_hex(3)}"
             job: str | None = None
             if self.mode == "job":
