@@ -74,6 +74,13 @@ def status_lines(st: SessionStatus) -> list[str]:
             f"  capture: {c.packets} packets, {c.kernel_drops} dropped by the kernel, "
             f"{c.truncated} truncated"
         )
+    if st.files is not None and st.files.root:
+        fs = st.files
+        writable = f"; writable: {', '.join(fs.writable)}" if fs.writable else ""
+        lines.append(
+            f"  files: the target's root at {fs.root} (read-only{writable}; "
+            f"{fs.requests} requests, {format_bytes(fs.bytes_read)} read)"
+        )
     if st.pcap is not None:
         f = st.pcap
         lines.append(f"  pcap: {f.path} ({format_bytes(f.bytes)}, {f.records} packets, {f.state})")
