@@ -64,6 +64,7 @@ bench: deps
 	$(PY) -m benchmarks.suite $(BENCH_ARGS)
 	$(PY) -m benchmarks.mirror
 	$(PY) -m benchmarks.http_filter
+	$(PY) -m benchmarks.files
 
 # make agent-image: the agent's container image as a docker-archive tarball in
 # build/agent-image/, built from Debian packages without Docker (agent_image/build.py);

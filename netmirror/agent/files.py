@@ -30,6 +30,7 @@ from netmirror.errors import ProtocolError
 from netmirror.mounts import table
 from netmirror.tunnel import Tunnel
 from netmirror.wire.files import (
+    FILE_OPS,
     INLINE_MAX,
     INLINE_TOTAL,
     MAX_LIST,
@@ -170,10 +171,27 @@ class TargetFiles:
     # --- resolution -------------------------------------------------------------------
 
     def _open(self, path: str, flags: int, mode: int = 0) -> int:
+        self._search(path)
         try:
             return openat2(self.root_fd, path, flags, mode)
         except OSError as exc:
             raise FileError(exc.errno or errno.EIO) from None
+
+    def _search(self, path: str) -> None:
+        """EACCES unless the target's user may search every directory above ``path``."""
+        parent = path.rpartition("/")[0]
+        current = ""
+        for name in ["", *[n for n in parent.split("/") if n]]:
+            current = f"{current}/{name}" if name else "/"
+            try:
+                fd = openat2(self.root_fd, current, os.O_PATH)
+            except OSError as exc:
+                raise FileError(exc.errno or errno.EIO) from None
+            try:
+                self._may(os.fstat(fd), MAY_EXEC)
+            finally:
+                os.close(fd)
+            current = current.rstrip("/")
 
     def _parent(self, path: str) -> tuple[int, str]:
         """An fd of the directory holding ``path``, and the entry's name (caller closes)."""
@@ -299,10 +317,22 @@ class TargetFiles:
     def create(self, path: str, mode: int, *, exclusive: bool) -> Attr:
         fd, name = self._in_parent(path, MAY_WRITE)
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            if exclusive:
-                flags |= os.O_EXCL
-            file_fd = self._call(lambda: os.open(name, flags, mode & 0o7777, dir_fd=fd))
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                file_fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode & 0o7777, dir_fd=fd)
+            except FileExistsError:
+                if exclusive:
+                    raise FileError(errno.EEXIST) from None
+                # Someone's file already: opened as it is, if the target's user may write it.
+                file_fd = self._call(lambda: os.open(name, flags, dir_fd=fd))
+                try:
+                    st = os.fstat(file_fd)
+                    self._may(st, MAY_WRITE)
+                    return self._attr(st)
+                finally:
+                    os.close(file_fd)
+            except OSError as exc:
+                raise FileError(exc.errno or errno.EIO) from None
             try:
                 self._own(file_fd)
                 return self._attr(os.fstat(file_fd))
@@ -315,7 +345,9 @@ class TargetFiles:
         fd, name = self._in_parent(path, MAY_WRITE)
         try:
             self._call(lambda: os.mkdir(name, mode & 0o7777, dir_fd=fd))
-            new = self._call(lambda: os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd))
+            new = self._call(
+                lambda: os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            )
             try:
                 self._own(new)
                 return self._attr(os.fstat(new))
@@ -324,9 +356,19 @@ class TargetFiles:
         finally:
             os.close(fd)
 
+    def _sticky(self, dir_fd: int, name: str) -> None:
+        """In a sticky directory (/tmp), only a file's owner or the directory's removes it."""
+        st = os.fstat(dir_fd)
+        if not st.st_mode & stat.S_ISVTX or self.creds.has(CAP_FOWNER):
+            return
+        entry = self._call(lambda: os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+        if self.creds.uid not in (st.st_uid, entry.st_uid):
+            raise FileError(errno.EPERM)
+
     def unlink(self, path: str, *, directory: bool) -> None:
         fd, name = self._in_parent(path, MAY_WRITE)
         try:
+            self._sticky(fd, name)
             if directory:
                 self._call(lambda: os.rmdir(name, dir_fd=fd))
             else:
@@ -337,6 +379,7 @@ class TargetFiles:
     def rename(self, old: str, new: str) -> None:
         old_fd, old_name = self._in_parent(old, MAY_WRITE)
         try:
+            self._sticky(old_fd, old_name)
             new_fd, new_name = self._in_parent(new, MAY_WRITE)
             try:
                 self._call(
@@ -421,6 +464,8 @@ def serve_request(files: TargetFiles, op: str, args: dict[str, Any]) -> dict[str
     try:
         if op == "fs.info":
             return files.info()
+        if op not in FILE_OPS:
+            raise FileError(errno.ENOTSUP, f"unknown file operation {op!r}")
         path = request_path(args)
         if op == "fs.stat":
             return {"attr": files.stat(path).to_wire()}

@@ -21,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from netmirror.errors import SessionError
+from netmirror.mounts.namespace import detach_below
 from netmirror.wire.ports import Claim, port_conflict
 from netmirror.wire.session import (
     SessionDir,
@@ -274,4 +275,7 @@ def stop_session(sdir: SessionDir) -> None:
         pass
     kill(record.daemon_pid, record.daemon_start)
     kill(record.agent_pid, record.agent_start)
+    # A daemon killed before it could unmount the target's files (the kernel's
+    # auto-unmount helper usually has): never remove the directory through them.
+    detach_below(str(sdir.path))
     sdir.remove()

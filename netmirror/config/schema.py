@@ -14,6 +14,7 @@ from netmirror.config.model import (
     AgentConfig,
     Config,
     EnvConfig,
+    FilesConfig,
     KubernetesConfig,
     MirrorConfig,
     OutgoingConfig,
@@ -53,6 +54,7 @@ def dump_example() -> str:
     agent = AgentConfig()
     env = EnvConfig()
     outgoing = OutgoingConfig()
+    files = FilesConfig()
     lines = [
         "# netmirror configuration (YAML; TOML and JSON files take the same keys).",
         "# Precedence: this file < NETMIRROR_* environment variables < command-line flags.",
@@ -138,5 +140,21 @@ def dump_example() -> str:
         f"  dns: {_scalar(outgoing.dns)}",
         *_comment(OutgoingConfig, "method", "  "),
         f"  method: {_scalar(outgoing.method)}",
+        "",
+        *_comment(Config, "files", ""),
+        "files:",
+        *_comment(FilesConfig, "enabled", "  "),
+        f"  enabled: {_scalar(files.enabled)}",
+        *_comment(FilesConfig, "read_only", "  "),
+        "  read_only:",
+        '    - "/app/config/**"',
+        *_comment(FilesConfig, "read_write", "  "),
+        "  read_write:",
+        "    - /var/lib/app/uploads",
+        *_comment(FilesConfig, "local", "  "),
+        "  local:",
+        "    - /app/config/dev-overrides.yaml",
+        *_comment(FilesConfig, "timeout", "  "),
+        f"  timeout: {_scalar(files.timeout)}",
     ]
     return "\n".join(lines) + "\n"

@@ -58,6 +58,22 @@ def detach(target: str) -> None:
     _check(_libc.umount2(os.fsencode(target), MNT_DETACH), f"umount {target}")
 
 
+def detach_below(path: str) -> list[str]:
+    """Lazily unmount everything mounted at or below ``path`` (deepest first); what was."""
+    from netmirror.mounts import table
+
+    try:
+        points = [m.point for m in table.read() if table.is_under(m.point, path) and path != "/"]
+    except OSError:
+        return []
+    done = []
+    for point in sorted(set(points), key=len, reverse=True):
+        with contextlib.suppress(OSError):
+            detach(point)
+            done.append(point)
+    return done
+
+
 def enter(plan: Plan, *, workspace: str, fuse_root: str = "") -> list[str]:
     """Unshare, and make ``plan``'s mounts; returns warnings for mounts that failed.
 

@@ -149,6 +149,16 @@ def plan(
         result.steps.append(Bind(fuse_root.rstrip("/") + path, target))
         result.placed.append(path)
         bound.append(path)
+    # Every overlay before anything else, outer ones first: an overlay made after a
+    # bind below its point would hide that bind.
+    covers = sorted(
+        (s for s in result.steps if isinstance(s, Overlay)), key=lambda s: s.point.count("/")
+    )
+    if "/" in [s.point for s in covers]:
+        covers.sort(key=lambda s: s.point != "/")
+    made = [s for s in result.steps if isinstance(s, (MakeDir, MakeFile))]
+    binds = [s for s in result.steps if isinstance(s, Bind)]
+    result.steps = [*covers, *made, *binds]
     for path in keep_local:
         if not any(is_under(path, b) for b in bound):
             continue  # not covered by anything remote: it is this machine's already

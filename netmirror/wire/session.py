@@ -8,6 +8,7 @@ websocket for local targets) and ``daemon.log``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -138,8 +139,37 @@ class SessionDir:
             raise SessionError(f"session {self.name!r} has a damaged record: {exc}") from None
 
     def remove(self) -> None:
-        """Delete the directory and everything in it."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Delete the directory and everything in it, never through a mount point.
+
+        The target's files are mounted in here (``root``): whatever is still mounted
+        is left alone (the caller unmounts first), so no file of the target is ever
+        deleted by cleaning up.
+        """
+        if not self.path.is_dir():
+            return
+        mounted = False
+        for top, dirs, _files in os.walk(self.path, topdown=True):
+            for name in list(dirs):
+                if os.path.ismount(os.path.join(top, name)):
+                    dirs.remove(name)
+                    mounted = True
+        if not mounted:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for top, dirs, files in os.walk(self.path, topdown=False):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(top, name))
+            for name in dirs:
+                full = os.path.join(top, name)
+                if os.path.islink(full):
+                    with contextlib.suppress(OSError):
+                        os.unlink(full)
+                elif not os.path.ismount(full):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(full)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.path)
 
 
 def list_session_dirs(root: Path | None = None) -> list[SessionDir]:

@@ -292,8 +292,16 @@ class FakeCluster:
             )
 
     async def start_target(self) -> None:
-        """The target pod's container: its server on POD_PORT, APP_COLOR in its environment."""
+        """The target pod's container: its server on POD_PORT, APP_COLOR in its environment,
+        and its volumes (VOLUMES: a "ConfigMap" and a service-account token)."""
         self.containers.append(self.target)
+        volumes: list[str] = []
+        for mount_path, files in VOLUMES.items():
+            source = self.log.parent / "volumes" / mount_path.strip("/").replace("/", "-")
+            source.mkdir(parents=True)
+            for name, text in files.items():
+                (source / name).write_text(text)
+            volumes += ["--volume", f"{source}:{mount_path}:ro"]
         self.target_id = await asyncio.to_thread(
             self.podman.start,
             self.target,
@@ -317,6 +325,7 @@ class FakeCluster:
                 f"web-internal:{self.sandbox.pod_ip}",
                 "--cap-drop",
                 "all",
+                *volumes,
             ],
         )
         url = f"http://{self.sandbox.pod_ip}:{POD_PORT}/"
@@ -345,6 +354,10 @@ class FakeCluster:
             "name": "web",
             "image": "web:1",
             "ports": [{"containerPort": POD_PORT, "name": "http"}],
+            "volumeMounts": [
+                {"name": f"v{i}", "mountPath": path, "readOnly": True}
+                for i, path in enumerate(VOLUMES)
+            ],
         }
         deployment = {
             "apiVersion": "apps/v1",
@@ -458,6 +471,13 @@ async def cluster(
         kenv = kenv | {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO)}
         yield fake, kenv
 
+
+#: The target container's volumes: mount path -> files (the pod spec's volumeMounts).
+TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount"
+VOLUMES = {
+    "/etc/app/config": {"app.yaml": "color: blue\n"},
+    TOKEN: {"token": "pod-token\n", "namespace": "shop\n"},
+}
 
 #: Lifetime of the tokens of the expiring-credentials cluster, in seconds.
 TOKEN_LIFETIME = 3
@@ -722,13 +742,29 @@ async def test_exec_runs_a_command_as_if_in_the_pod(
 ) -> None:
     fake, kenv = cluster
     # The pod's main process (pid 1 of its container) has APP_COLOR=blue in its
-    # environment, and its /etc/hosts knows web-internal (start_target).
-    script = f"echo color=$APP_COLOR; curl -sS -m 5 http://web-internal:{POD_PORT}/"
+    # environment, and its /etc/hosts knows web-internal (start_target); the volumeMounts
+    # of its spec are at their paths, which this machine does not have.
+    script = (
+        f"echo color=$APP_COLOR; curl -sS -m 5 http://web-internal:{POD_PORT}/;"
+        f"cat /etc/app/config/app.yaml {TOKEN}/token;"
+        # The pod's /etc/hosts (podman's, here), not this machine's (pid 1's).
+        'cmp -s /etc/hosts "$NETMIRROR_ROOT/etc/hosts" && ! cmp -s /etc/hosts /proc/1/root/etc/hosts'
+        " && echo pod-hosts;"
+        'test -f "$NETMIRROR_ROOT/support/servers.py" && echo image-root'
+    )
     code, out, err = await run(
         kenv, "exec", "--target", "deployment/web", "--session", "kx", "--", "sh", "-c", script
     )
     assert code == 0, err
-    assert out.splitlines() == ["color=blue", "pod"]
+    assert out.splitlines() == [
+        "color=blue",
+        "pod",
+        "color: blue",
+        "pod-token",
+        "pod-hosts",
+        "image-root",
+    ], err
+    assert not Path("/etc/app").exists() and not Path(TOKEN).exists()
     (patch,) = fake.patches
     (container,) = patch["body"]["spec"]["ephemeralContainers"]
     assert "SYS_PTRACE" in container["securityContext"]["capabilities"]["add"]

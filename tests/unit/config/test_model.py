@@ -128,8 +128,8 @@ def test_config_error_is_a_netmirror_error() -> None:
         ),
         (
             {"tagret": "netns/x"},
-            "tagret: unknown key "
-            "(expected one of target, session, ports, agent, pcap, kubernetes, env, outgoing)",
+            "tagret: unknown key (expected one of target, session, ports, agent, pcap, "
+            "kubernetes, env, outgoing, files)",
         ),
         (
             {"agent": {"imgae": "x"}},
@@ -910,6 +910,7 @@ def test_json_schema() -> None:
         "kubernetes",
         "env",
         "outgoing",
+        "files",
     ]
     port = schema["$defs"]["PortConfig"]
     assert list(port["properties"]) == [
