@@ -96,6 +96,7 @@ class TargetFS(pyfuse3.Operations):
         self._handles: dict[int, _Reader] = {}
         self._dirs: dict[int, list[tuple[str, Attr]]] = {}
         self._dir_paths: dict[int, str] = {}
+        self._versions: dict[int, tuple[int, int, int]] = {}
         self._next_handle = itertools.count(1)
         self._spawn = spawn or (lambda coro, name: asyncio.ensure_future(coro))
         self.requests = 0
@@ -254,7 +255,12 @@ class TargetFS(pyfuse3.Operations):
         handle = next(self._next_handle)
         self._handles[handle] = _Reader(path, writing, data)
         info = pyfuse3.FileInfo(fh=handle)
-        info.keep_cache = False  # a new open sees the target's current contents
+        # The kernel may keep what it cached of this file only if the file has not
+        # changed since (same size, mtime and ctime as when it was opened last);
+        # attributes are at most CACHE_TTL old, so a change shows within a second.
+        version = (attr.size, attr.mtime_ns, attr.ctime_ns)
+        info.keep_cache = not writing and self._versions.get(inode) == version
+        self._versions[inode] = version
         return info
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -309,6 +315,7 @@ class TargetFS(pyfuse3.Operations):
         reader.ranges.clear()
         try:
             written = await self.remote.write(reader.path, off, bytes(buf))
+            self._versions.pop(self._inodes.get(reader.path, 0), None)
         except RemoteError as exc:
             raise pyfuse3.FUSEError(exc.code) from None
         self._forget_path(reader.path)
