@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import stat
 
 from netmirror.mounts.plan import Bind, KeepLocal, MakeDir, MakeFile, Overlay, Plan
 
@@ -56,6 +57,21 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int, data:
 def detach(target: str) -> None:
     """Lazy unmount (``umount -l``)."""
     _check(_libc.umount2(os.fsencode(target), MNT_DETACH), f"umount {target}")
+
+
+def _bind_back(source: str, target: str) -> None:
+    """Put ``source`` (a top-level entry of this machine) at ``target`` in the new root."""
+    st = os.lstat(source)
+    if stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(source), target)
+    elif stat.S_ISDIR(st.st_mode):
+        os.mkdir(target, stat.S_IMODE(st.st_mode))
+        with contextlib.suppress(OSError):
+            mount(source, target, None, MS_BIND | MS_REC)
+    else:
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        with contextlib.suppress(OSError):
+            mount(source, target, None, MS_BIND)
 
 
 def detach_below(path: str) -> list[str]:
@@ -109,22 +125,18 @@ def enter(plan: Plan, *, workspace: str, fuse_root: str = "") -> list[str]:
             os.mkdir(upper)
             os.mkdir(work)
             if step.point == "/":
+                # Not an overlay: a root on the namespace's tmpfs in which each of this
+                # machine's top-level entries is bound back, so everything local is
+                # reached on its own file system, at full speed; only new top-level
+                # entries live in the tmpfs.
                 new_root = f"{space}/root"
                 os.mkdir(new_root)
-                mount(
-                    "netmirror",
-                    new_root,
-                    "overlay",
-                    0,
-                    f"lowerdir=/,upperdir={upper},workdir={work}",
-                )
-                for point in step.reattach:
-                    with contextlib.suppress(OSError):
-                        mount(point, new_root + point, None, MS_BIND | MS_REC)
+                top = workspace.strip("/").split("/", 1)[0]
+                for name in sorted(os.listdir("/"), key=lambda n: n != top):
+                    _bind_back(f"/{name}", f"{new_root}/{name}")
                 # Held: the workspace's own path may be covered by what comes next.
-                prefix = (
-                    f"/proc/self/fd/{os.open(new_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}"
-                )
+                root_fd = os.open(new_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                prefix = f"/proc/self/fd/{root_fd}"
                 continue
             where = prefix + step.point
             held = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

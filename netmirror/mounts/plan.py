@@ -7,7 +7,8 @@ have needs its missing directories made, and they must not reach this machine's
 disk: the nearest directory that exists is covered with an overlay whose upper
 layer is a tmpfs of the namespace, the mounts below it are attached again, and the
 missing directories are made in the overlay. When that directory is ``/``, the
-overlay is built aside and the command is chrooted into it.
+command is chrooted into a new root on that tmpfs, with this machine's top-level
+entries bound back into it (an overlay of ``/`` would slow every local file down).
 
 :func:`plan` turns the paths into :class:`Step` values; :mod:`.namespace` makes them.
 """
@@ -26,7 +27,11 @@ Kind = Literal["dir", "file"]
 
 @dataclass(frozen=True, slots=True)
 class Overlay:
-    """Cover ``point`` with an overlay of itself (upper layer in the namespace's tmpfs)."""
+    """Cover ``point`` with an overlay of itself (upper layer in the namespace's tmpfs).
+
+    For ``/``, the command gets a new root instead: a tmpfs holding this machine's
+    top-level entries bound back, so nothing local goes through an overlay.
+    """
 
     point: str
     reattach: tuple[str, ...]
@@ -129,12 +134,16 @@ def plan(
             if local.kind(parent) != "dir":
                 result.warnings.append(f"{path}: {parent} is not a directory here: left out")
                 continue
-            covering = [o for o in overlays if is_under(parent, o)]
-            # The overlay over parent's mount makes new entries in its upper layer; any
-            # other mount would take them on this machine's disk.
-            if not covering or _mount_of(mounts, parent) != _mount_of(
-                mounts, max(covering, key=len)
-            ):
+            # An overlay makes new entries in its upper layer anywhere below its point
+            # on the same mount (any other mount would take them on this machine's
+            # disk); the new root only holds new entries of / itself.
+            covering = [
+                o
+                for o in overlays
+                if (parent == "/" if o == "/" else is_under(parent, o))
+                and _mount_of(mounts, parent) == _mount_of(mounts, o)
+            ]
+            if not covering:
                 reattach = tuple(m.point for m in mounts_under(mounts, parent))
                 result.steps.append(Overlay(parent, reattach))
                 overlays.append(parent)

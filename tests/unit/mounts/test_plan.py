@@ -105,10 +105,14 @@ def test_missing_file_is_made_last() -> None:
     assert steps[-1] == Bind(f"{FUSE}/opt/a/b/conf.yaml", "/opt/a/b/conf.yaml")
 
 
-def test_one_overlay_of_the_root_serves_every_path_on_its_mount() -> None:
-    result = make([("/data", "dir"), ("/opt/new/x", "file")])
-    assert [s for s in result.steps if isinstance(s, Overlay)] == [Overlay("/", ("/proc", "/run"))]
+def test_the_new_root_holds_only_new_top_level_entries() -> None:
+    # /opt is bound back into the new root from this machine: a directory made below
+    # it needs an overlay of its own, or it would land on this machine's disk.
+    result = make([("/data", "dir"), ("/opt/new/x", "file"), ("/srv", "dir"), ("/opt/b/y", "dir")])
+    overlays = [s for s in result.steps if isinstance(s, Overlay)]
+    assert overlays == [Overlay("/", ("/proc", "/run")), Overlay("/opt", ())]
     assert MakeDir("/opt/new") in result.steps and MakeFile("/opt/new/x") in result.steps
+    assert MakeDir("/data") in result.steps and MakeDir("/opt/b") in result.steps
 
 
 def test_a_submount_under_an_overlaid_root_gets_its_own_overlay() -> None:
