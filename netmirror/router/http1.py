@@ -32,16 +32,19 @@ Decisions:
 * A request head longer than ``max_head`` goes to the original server the same way,
   whether it is the first request or a later one (the previous exchanges are all
   complete by then): the rest of the connection is piped, unfiltered.
-* A later malformed request (not too long, or one with both ``Content-Length`` and
-  ``Transfer-Encoding``, a request-smuggling shape) gets ``400 Bad Request`` and the
-  connection closes. A malformed request *body* gets the 400 if no final response
-  head went to the client yet, else the connection is reset.
+* A later request head that cannot be filtered (malformed, or with both
+  ``Content-Length`` and ``Transfer-Encoding``, a request-smuggling shape) goes to the
+  original server the same way, with the rest of the connection: the server answers
+  it as it would without netmirror. A malformed request *body* has gone to the
+  upstream as it came: from then on the connection is a raw pipe to that upstream.
 * An upstream that fails, closes or answers garbage before the final response head
   went to the client gives the client ``502 Bad Gateway`` (1xx responses already
   relayed do not count); after that head, the connection is reset.
-* Keep-alive is kept only between HTTP/1.1 peers that did not say
-  ``Connection: close``; a response delimited by the upstream's EOF, or any request
-  or response of HTTP/1.0, closes the client connection after the exchange. So does
+* Keep-alive follows RFC 9112 (section 9.3): an HTTP/1.1 message keeps the
+  connection unless it says ``Connection: close``; an HTTP/1.0 one only if it says
+  ``Connection: keep-alive``, and an HTTP/1.0 client's connection stays only if the
+  response says ``keep-alive`` as well. A response delimited by the upstream's EOF
+  closes the client connection after the exchange. So does
   a response with both ``Content-Length`` and ``Transfer-Encoding``, and a final
   response to an ``Expect: 100-continue`` request that came before any of its body
   (whether the client sends the body then is its choice: what follows is ambiguous).
@@ -66,8 +69,6 @@ from netmirror.wire.httpfilter import RequestHead
 #: The target name meaning "the target's own server".
 ORIGINAL: Final = ""
 
-#: What the client gets for a request the relay cannot parse.
-BAD_REQUEST: Final = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 #: What the client gets when the upstream fails before its final response head.
 BAD_GATEWAY: Final = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 
@@ -155,7 +156,8 @@ class _Exchange:
         self.target = target
         self.method = request.method
         self.request_done = False
-        self.request_keep_alive = request.http_version == b"1.1" and not _says_close(request)
+        self.request_version = request.http_version
+        self.request_keep_alive = _keeps_alive(request)
         self.expects_continue = any(
             name == b"expect" and value.lower() == b"100-continue"
             for name, value in request.headers
@@ -175,7 +177,11 @@ class _Exchange:
 
     def on_response(self, response: h11.Response) -> None:
         self.final_head_sent = True
-        self.response_keep_alive = response.http_version == b"1.1" and not _says_close(response)
+        # An HTTP/1.0 client keeps the connection only if the response says keep-alive
+        # too, whatever the response's version (RFC 9112, section 9.3).
+        self.response_keep_alive = _keeps_alive(response) and (
+            self.request_version == b"1.1" or b"keep-alive" in _connection_tokens(response)
+        )
         status = response.status_code
         no_body = (
             status in (204, 304)
@@ -422,17 +428,15 @@ class Relay:
             else:
                 self._bad_head(f"malformed request: {exc}")
         elif exchange is not None:
-            if not exchange.final_head_sent:
-                self._reject(f"malformed request body: {exc}")
-            else:
-                self._close(f"malformed request body: {exc}", reset=not exchange.response_done)
+            # The body went upstream as it came: the upstream judges it, and what it
+            # answers (and anything after) is relayed as it is.
+            self._switch_protocol(exchange)
 
     def _bad_head(self, reason: str) -> None:
-        """A request head that cannot be filtered: unfiltered if first, else refused."""
-        if not self._routed:
-            self._pipe_original()
-        else:
-            self._reject(reason)
+        """A request head that cannot be filtered: it and the rest of the connection go
+        to the original server, unfiltered; the server answers it as it would without
+        netmirror (the router never answers for it)."""
+        self._pipe_original()
 
     def _call_route(self, head: RequestHead) -> str:
         try:
@@ -574,10 +578,6 @@ class Relay:
         self._phase = _Phase.PIPE
         self._emit(Pipe())
 
-    def _reject(self, reason: str) -> None:
-        self._emit(ToClient(BAD_REQUEST))
-        self._close(reason, reset=False)
-
     def _close(self, reason: str, *, reset: bool) -> None:
         self._emit(Close(reason, reset))
         self._phase = _Phase.CLOSED
@@ -614,12 +614,22 @@ def _has(message: h11.Request | h11.Response, header: bytes) -> bool:
     return any(name == header for name, _ in message.headers)
 
 
-def _says_close(message: h11.Request | h11.Response) -> bool:
+def _connection_tokens(message: h11.Request | h11.Response) -> set[bytes]:
+    """The options of a message's Connection headers, in lower case."""
+    tokens: set[bytes] = set()
     for name, value in message.headers:
         if name == b"connection":
-            if any(token.strip().lower() == b"close" for token in value.split(b",")):
-                return True
-    return False
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    return tokens
+
+
+def _keeps_alive(message: h11.Request | h11.Response) -> bool:
+    """Whether the sender of ``message`` keeps the connection after it (RFC 9112, 9.3):
+    HTTP/1.1 unless it says ``close``; HTTP/1.0 only if it says ``keep-alive``."""
+    tokens = _connection_tokens(message)
+    if b"close" in tokens:
+        return False
+    return message.http_version == b"1.1" or b"keep-alive" in tokens
 
 
 def _mirror(request: h11.Request) -> h11.Request:

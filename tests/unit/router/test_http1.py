@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 
 from netmirror.router.http1 import (
     BAD_GATEWAY,
-    BAD_REQUEST,
     ORIGINAL,
     Action,
     Close,
@@ -482,16 +481,63 @@ def test_response_connection_close_ends_the_connection_after_the_exchange() -> N
     assert conn.client == answer
 
 
-def test_http_1_0_is_not_kept_alive() -> None:
+def test_http_1_0_without_keep_alive_in_the_response_closes() -> None:
     request = b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
     conn = Conn()
     assert conn.send(request) == [Connect(ORIGINAL), ToUpstream(request)]
     answer = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
     assert conn.answer(answer)[-2:] == [
         Release(False),
-        Close("the client did not keep the connection alive", False),
+        Close("the upstream did not keep the connection alive", False),
     ]
     assert conn.client == answer
+
+
+def test_http_1_0_without_keep_alive_in_the_request_closes() -> None:
+    conn = Conn()
+    conn.send(b"GET / HTTP/1.0\r\n\r\n")
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    assert conn.answer(answer)[-2:] == [
+        Release(False),
+        Close("the client did not keep the connection alive", False),
+    ]
+
+
+@pytest.mark.parametrize("version", [b"1.0", b"1.1"])
+def test_http_1_0_keep_alive_is_honoured_both_ways(version: bytes) -> None:
+    first = b"GET /a HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"
+    second = b"HEAD /b HTTP/1.0\r\nconnection: keep-alive\r\n\r\n"
+    conn = Conn()
+    conn.send(first + second)
+    answer = (
+        b"HTTP/" + version + b" 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+    )
+    actions = conn.answer(answer)
+    assert Release(True) in actions
+    assert not any(isinstance(a, Close) for a in actions)
+    # The second request went on, on the same client connection.
+    assert ToUpstream(second) in actions
+    head_answer = (
+        b"HTTP/" + version + b" 200 OK\r\nContent-Length: 9\r\nConnection: keep-alive\r\n\r\n"
+    )
+    assert not any(isinstance(a, Close) for a in conn.answer(head_answer))
+    assert conn.client == answer + head_answer
+    assert conn.targets == [ORIGINAL, ORIGINAL]
+
+
+def test_http_1_0_keep_alive_without_a_length_ends_with_the_close() -> None:
+    conn = Conn()
+    conn.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    conn.answer(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\nall of it")
+    assert conn.upstream_eof()[-1] == Close(
+        "the response was delimited by the upstream closing", False
+    )
+
+
+def test_http_1_0_without_host_is_routed_by_path() -> None:
+    conn = Conn(route=lambda head: "alice" if head.target.startswith("/dev") else ORIGINAL)
+    conn.send(b"GET /dev/x HTTP/1.0\r\n\r\n")
+    assert conn.targets == ["alice"]
 
 
 def test_http_1_0_response_body_until_close() -> None:
@@ -578,44 +624,46 @@ def test_bytes_after_a_complete_response_while_the_body_streams() -> None:
 # --- errors --------------------------------------------------------------------------------------
 
 
-def test_malformed_second_request_gets_400_after_the_first_response() -> None:
+def test_a_malformed_second_request_goes_to_the_original_server_as_it_came() -> None:
+    bad = b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n"
     conn = Conn()
-    conn.send(req() + b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n")
+    conn.send(req(to="alice") + bad)
     actions = conn.answer(OK)
-    assert actions[-3:-1] == [Release(True), ToClient(BAD_REQUEST)]
-    close = actions[-1]
-    assert isinstance(close, Close) and not close.reset
-    assert close.reason.startswith("malformed request: illegal header line")
-    assert conn.client == OK + BAD_REQUEST
-    assert conn.targets == [ORIGINAL]
+    # The router answers nothing itself: the target's server judges the request.
+    assert actions[-4:] == [Release(True), Connect(ORIGINAL), ToUpstream(bad), Pipe()]
+    assert conn.client == OK
+    assert conn.targets == ["alice", ORIGINAL]
 
 
-def test_second_request_of_another_http_version_gets_400() -> None:
+def test_second_request_of_another_http_version_goes_to_the_original_server() -> None:
     conn = Conn()
     conn.send(req())
     conn.answer(OK)
-    actions = conn.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-    assert actions == [ToClient(BAD_REQUEST), Close("unsupported HTTP version '2.0'", False)]
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    assert conn.send(preface) == [Connect(ORIGINAL), ToUpstream(preface), Pipe()]
 
 
-def test_malformed_request_body_before_the_response_gets_400() -> None:
+def test_a_malformed_request_body_is_left_to_the_upstream() -> None:
     conn = Conn()
     conn.send(req("POST", "/", "Transfer-Encoding: chunked", to="alice"))
     actions = conn.send(b"zz\r\n")
-    assert actions[0] == ToClient(BAD_REQUEST)
-    assert isinstance(actions[1], Close) and not actions[1].reset
-    assert actions[1].reason.startswith("malformed request body")
+    # The bytes went up as they came, and the connection is a pipe to that upstream.
+    assert actions == [ToUpstream(b"zz\r\n"), Pipe()]
+    assert conn.client == b""
 
 
-def test_malformed_request_body_during_the_response_resets() -> None:
+def test_a_malformed_request_body_during_the_response_pipes_the_rest() -> None:
     conn = Conn()
     conn.send(req("POST", "/", "Transfer-Encoding: chunked", to="alice"))
-    conn.answer(resp(body=b"12345")[:-2])
+    partial = resp(body=b"12345")[:-2]
+    conn.answer(partial)
     actions = conn.send(b"zz\r\n")
-    assert len(actions) == 1 and isinstance(actions[0], Close) and actions[0].reset
+    assert actions[-1] == Pipe()
+    assert ToUpstream(b"zz\r\n") in actions
+    assert conn.client == partial
 
 
-def test_request_with_both_content_length_and_chunked_is_refused() -> None:
+def test_request_with_both_content_length_and_chunked_is_never_filtered() -> None:
     # Smuggling: the upstream might frame it by Content-Length where h11 reads chunks.
     smuggler = req(
         "POST",
@@ -630,8 +678,9 @@ def test_request_with_both_content_length_and_chunked_is_refused() -> None:
     later.send(req())
     later.answer(OK)
     assert later.send(smuggler) == [
-        ToClient(BAD_REQUEST),
-        Close("malformed request: both Transfer-Encoding and Content-Length", False),
+        Connect(ORIGINAL),
+        ToUpstream(smuggler),
+        Pipe(),
     ]
 
 
@@ -1007,12 +1056,11 @@ def test_garbage_never_raises_and_actions_stay_well_formed(
         else:
             getattr(conn, name)()
     # Whatever happened, the relay only forwards bytes it was given, in order, and
-    # makes up nothing but its own 400 or 502.
+    # makes up nothing but its own 502.
     from_client = b"".join(p for name, p in operations if name == "send")
     from_upstream = b"".join(p for name, p in operations if name == "answer")
     assert is_subsequence(b"".join(conn.sent), from_client)
     to_client = bytes(conn.client)
-    for answer in (BAD_REQUEST, BAD_GATEWAY):
-        if to_client.endswith(answer):
-            to_client = to_client[: -len(answer)]
+    if to_client.endswith(BAD_GATEWAY):
+        to_client = to_client[: -len(BAD_GATEWAY)]
     assert is_subsequence(to_client, from_upstream)
