@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shlex
 import signal
@@ -15,6 +16,9 @@ from netmirror.cli.render import port_line, status_of
 from netmirror.errors import CommandError
 from netmirror.mounts.namespace import enter
 from netmirror.mounts.plan import Plan
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def say_exec(session: str, outcome: dict[str, Any], command: list[str], env_pid: Any) -> None:
@@ -50,11 +54,17 @@ def run_command(
     exit status (128+N for signal N) is ours.
     """
     procs_file = str(cgroup / "cgroup.procs") if cgroup is not None else None
+    parent = os.getpid()
     # What the child says of its mounts before it runs the command (then the pipe
     # closes on exec).
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
 
     def prepare() -> None:
+        # If netmirror exec is killed outright, its command goes with it (and with the
+        # command, its mount namespace and its hold on the target's files).
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)  # exec died before the line above took effect
         if procs_file is not None:
             with open(procs_file, "w") as procs:
                 procs.write(str(os.getpid()))
