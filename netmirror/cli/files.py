@@ -14,7 +14,7 @@ import stat
 from typing import Any
 
 from netmirror.mounts import table
-from netmirror.mounts.plan import Kind, LocalView, Plan, plan
+from netmirror.mounts.plan import Cover, Kind, LocalView, Plan, plan
 from netmirror.wire.files import STANDARD_PATHS
 
 _GLOB_CHARS = frozenset("*?[")
@@ -24,7 +24,8 @@ def _kind(path: str) -> Kind | None:
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return None
+        # A symbolic link that leads nowhere is something: nothing is made through it.
+        return "other" if os.path.islink(path) else None
     return "dir" if stat.S_ISDIR(mode) else "file"
 
 
@@ -65,7 +66,7 @@ def command_plan(info: dict[str, Any]) -> tuple[Plan, list[str]]:
                 warnings.append(f"{path} holds netmirror's own mount: left out")
             continue
         kind = _kind(root + path)
-        if kind is None:
+        if kind is None or kind == "other":
             if named:
                 warnings.append(f"{path} is not in the target (or cannot be read there)")
             continue
@@ -74,4 +75,14 @@ def command_plan(info: dict[str, Any]) -> tuple[Plan, list[str]]:
     for pattern in info.get("local", []):
         local += [p for p in expand("", pattern) if p != "/"]
     result = plan(remote, fuse_root=root, local=LOCAL, mounts=table.read(), keep_local=local)
+    here = {os.path.realpath(p) for p in (os.getcwd(), os.path.expanduser("~"))}
+    for step in result.steps:
+        if isinstance(step, Cover) and step.point in here:
+            # What was there stays this machine's (bound back), but a new entry made
+            # right in this directory lives in the command's namespace only.
+            warnings.append(
+                f"new files made right in {step.point} (it holds the target's "
+                f"{', '.join(p for p in result.placed if table.is_under(p, step.point))}) "
+                "last only as long as the command"
+            )
     return result, warnings + result.warnings

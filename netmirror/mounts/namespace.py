@@ -15,7 +15,7 @@ import ctypes
 import os
 import stat
 
-from netmirror.mounts.plan import Bind, KeepLocal, MakeDir, MakeFile, Overlay, Plan
+from netmirror.mounts.plan import Bind, Cover, KeepLocal, MakeDir, MakeFile, Plan
 
 CLONE_NEWNS = 0x00020000
 MS_RDONLY = 0x1
@@ -59,19 +59,22 @@ def detach(target: str) -> None:
     _check(_libc.umount2(os.fsencode(target), MNT_DETACH), f"umount {target}")
 
 
-def _bind_back(source: str, target: str) -> None:
-    """Put ``source`` (a top-level entry of this machine) at ``target`` in the new root."""
+def _bind_back(source: str, target: str) -> list[str]:
+    """Put ``source`` (an entry of a covered directory) at ``target`` in its cover; a
+    warning for an entry that could not be put back (the command sees it empty)."""
     st = os.lstat(source)
-    if stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(source), target)
-    elif stat.S_ISDIR(st.st_mode):
-        os.mkdir(target, stat.S_IMODE(st.st_mode))
-        with contextlib.suppress(OSError):
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(source), target)
+        elif stat.S_ISDIR(st.st_mode):
+            os.mkdir(target, stat.S_IMODE(st.st_mode))
             mount(source, target, None, MS_BIND | MS_REC)
-    else:
-        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-        with contextlib.suppress(OSError):
+        else:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             mount(source, target, None, MS_BIND)
+    except OSError as exc:
+        return [f"{target.rsplit('/', 1)[-1]}: could not be put back: {exc}"]
+    return []
 
 
 def detach_below(path: str) -> list[str]:
@@ -93,8 +96,8 @@ def detach_below(path: str) -> list[str]:
 def enter(plan: Plan, *, workspace: str, fuse_root: str = "") -> list[str]:
     """Unshare, and make ``plan``'s mounts; returns warnings for mounts that failed.
 
-    ``workspace`` is an empty directory for the namespace's tmpfs (overlay layers
-    and, for a new root, the root itself); it is covered only inside the namespace.
+    ``workspace`` is an empty directory for the namespace's tmpfs (for a new root,
+    the root itself); it is covered only inside the namespace.
     Both it and ``fuse_root`` (where the plan's sources are) are held open first and
     reached through their descriptors, so a remote tree mounted over their own
     place (the target's ``/run``, say) does not hide them.
@@ -113,52 +116,39 @@ def enter(plan: Plan, *, workspace: str, fuse_root: str = "") -> list[str]:
     if fuse_root:
         sources = f"/proc/self/fd/{os.open(fuse_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}"
     prefix = ""
-    layers = 0
     space = workspace
-    if any(isinstance(step, Overlay) for step in plan.steps):
+    if any(isinstance(step, Cover) for step in plan.steps):
         mount("netmirror", workspace, "tmpfs", 0, "mode=0700")
         space = f"/proc/self/fd/{os.open(workspace, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}"
     for step in plan.steps:
-        if isinstance(step, Overlay):
-            layers += 1
-            upper, work = f"{space}/u{layers}", f"{space}/w{layers}"
-            os.mkdir(upper)
-            os.mkdir(work)
+        if isinstance(step, Cover):
             if step.point == "/":
-                # Not an overlay: a root on the namespace's tmpfs in which each of this
-                # machine's top-level entries is bound back, so everything local is
-                # reached on its own file system, at full speed; only new top-level
-                # entries live in the tmpfs.
+                # The new root: a directory of the namespace's tmpfs in which each of
+                # this machine's top-level entries is bound back.
                 new_root = f"{space}/root"
                 os.mkdir(new_root)
                 top = workspace.strip("/").split("/", 1)[0]
                 for name in sorted(os.listdir("/"), key=lambda n: n != top):
-                    _bind_back(f"/{name}", f"{new_root}/{name}")
+                    warnings += _bind_back(f"/{name}", f"{new_root}/{name}")
                 # Held: the workspace's own path may be covered by what comes next.
                 root_fd = os.open(new_root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
                 prefix = f"/proc/self/fd/{root_fd}"
                 continue
             where = prefix + step.point
-            held = os.open(where, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            held = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                mount(
-                    "netmirror",
-                    where,
-                    "overlay",
-                    0,
-                    f"lowerdir=/proc/self/fd/{held},upperdir={upper},workdir={work}",
-                )
-                for point in step.reattach:
-                    rel = point[len(step.point) :].lstrip("/")
-                    with contextlib.suppress(OSError):
-                        mount(f"/proc/self/fd/{held}/{rel}", prefix + point, None, MS_BIND | MS_REC)
+                mode = stat.S_IMODE(os.fstat(held).st_mode)
+                mount("netmirror", where, "tmpfs", 0, f"mode={mode:o}")
+                for name in os.listdir(held):
+                    warnings += _bind_back(f"/proc/self/fd/{held}/{name}", f"{where}/{name}")
             finally:
                 os.close(held)
         elif isinstance(step, MakeDir):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(prefix + step.path, 0o755)
+            # Never through a symbolic link: a new entry is made in the cover's tmpfs.
+            os.mkdir(prefix + step.path, 0o755)
         elif isinstance(step, MakeFile):
-            os.close(os.open(prefix + step.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            os.close(os.open(prefix + step.path, flags, 0o644))
         elif isinstance(step, Bind):
             source = step.source
             if fuse_root and (source == fuse_root or source.startswith(fuse_root + "/")):

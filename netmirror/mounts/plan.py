@@ -4,11 +4,11 @@ The command runs in a mount namespace of its own. There, each of the target's
 paths (a volume, ``/etc/hosts``, a path the user named) is bind-mounted from the
 FUSE mount of the target's root onto the same path. A path this machine does not
 have needs its missing directories made, and they must not reach this machine's
-disk: the nearest directory that exists is covered with an overlay whose upper
-layer is a tmpfs of the namespace, the mounts below it are attached again, and the
-missing directories are made in the overlay. When that directory is ``/``, the
-command is chrooted into a new root on that tmpfs, with this machine's top-level
-entries bound back into it (an overlay of ``/`` would slow every local file down).
+disk: the nearest directory that exists is *covered* with a tmpfs of the namespace
+in which each of its entries is bound back from this machine, so everything that
+was there is reached on its own file system (reads and writes as before, at full
+speed) and only the new entries live in the tmpfs. When that directory is ``/``,
+the covered root is built aside and the command is chrooted into it.
 
 :func:`plan` turns the paths into :class:`Step` values; :mod:`.namespace` makes them.
 """
@@ -20,22 +20,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from netmirror.mounts.table import Mount, is_under, mounts_under
+from netmirror.mounts.table import Mount, is_under
 
-Kind = Literal["dir", "file"]
+Kind = Literal["dir", "file", "other"]
+"""What a path is: a directory, a file (anything else but a symbolic link that leads
+nowhere), or ``other`` (such a link: nothing may be made or mounted through it)."""
 
 
 @dataclass(frozen=True, slots=True)
-class Overlay:
-    """Cover ``point`` with an overlay of itself (upper layer in the namespace's tmpfs).
-
-    For ``/``, the command gets a new root instead: a tmpfs holding this machine's
-    top-level entries bound back, so nothing local goes through an overlay.
-    """
+class Cover:
+    """Cover the directory ``point`` with a tmpfs holding its entries bound back."""
 
     point: str
-    reattach: tuple[str, ...]
-    """Mount points below ``point`` to attach again on top of the overlay."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +59,7 @@ class KeepLocal:
     path: str
 
 
-Step = Overlay | MakeDir | MakeFile | Bind | KeepLocal
+Step = Cover | MakeDir | MakeFile | Bind | KeepLocal
 
 
 @dataclass
@@ -75,8 +71,8 @@ class Plan:
 
     @property
     def chroot(self) -> bool:
-        """Whether the command runs in a new root (an overlay of ``/``)."""
-        return any(isinstance(s, Overlay) and s.point == "/" for s in self.steps)
+        """Whether the command runs in a new root (a covered ``/``)."""
+        return any(isinstance(s, Cover) and s.point == "/" for s in self.steps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,19 +81,11 @@ class LocalView:
 
     realpath: Callable[[str], str]
     kind: Callable[[str], Kind | None]
-    """"dir", "file" (anything else that is not a directory), or None when missing."""
-
-
-def _mount_of(mounts: list[Mount], path: str) -> str:
-    best = "/"
-    for mount in mounts:
-        if is_under(path, mount.point) and len(mount.point) >= len(best):
-            best = mount.point
-    return best
+    """What a path is (:data:`Kind`), or None when nothing is there."""
 
 
 def _existing(path: str, local: LocalView) -> tuple[str, list[str]]:
-    """The nearest existing directory at or above ``path`` (resolved) and what is missing."""
+    """The nearest existing entry at or above ``path`` (resolved) and what is missing."""
     missing: list[str] = []
     current = path
     while current != "/" and local.kind(current) is None:
@@ -111,12 +99,18 @@ def plan(
     *,
     fuse_root: str,
     local: LocalView,
-    mounts: list[Mount],
+    mounts: list[Mount] | None = None,
     keep_local: Iterable[str] = (),
 ) -> Plan:
-    """The steps that show each ``(path, kind)`` of the target at its own path."""
+    """The steps that show each ``(path, kind)`` of the target at its own path.
+
+    ``mounts`` (this machine's mount table) is not needed any more: every cover binds
+    its entries back with the mounts below them. It is accepted for callers.
+    """
     result = Plan()
-    overlays: list[str] = []
+    covers: list[str] = []
+    made: list[Step] = []
+    binds: list[Step] = []
     bound: list[str] = []
     for path, kind in sorted(set(remote), key=lambda item: (item[0].count("/"), item[0])):
         if any(is_under(path, b) for b in bound):
@@ -124,8 +118,9 @@ def plan(
         here = local.kind(path)
         if here is not None:
             if here != kind:
+                what = "a link that leads nowhere" if here == "other" else f"a {here}"
                 result.warnings.append(
-                    f"{path} is a {kind} in the target but a {here} here: left as it is"
+                    f"{path} is a {kind} in the target but {what} here: left as it is"
                 )
                 continue
             target = local.realpath(path)
@@ -134,44 +129,29 @@ def plan(
             if local.kind(parent) != "dir":
                 result.warnings.append(f"{path}: {parent} is not a directory here: left out")
                 continue
-            # An overlay makes new entries in its upper layer anywhere below its point
-            # on the same mount (any other mount would take them on this machine's
-            # disk); the new root only holds new entries of / itself.
-            covering = [
-                o
-                for o in overlays
-                if (parent == "/" if o == "/" else is_under(parent, o))
-                and _mount_of(mounts, parent) == _mount_of(mounts, o)
-            ]
-            if not covering:
-                reattach = tuple(m.point for m in mounts_under(mounts, parent))
-                result.steps.append(Overlay(parent, reattach))
-                overlays.append(parent)
+            # New entries of parent live in its cover; the first missing one is a
+            # directory (or the file) of that tmpfs, and the rest are inside it.
+            if parent not in covers:
+                covers.append(parent)
             current = parent
             for index, name in enumerate(missing):
                 current = posixpath.join(current, name)
                 last = index == len(missing) - 1
-                result.steps.append(
-                    MakeFile(current) if last and kind == "file" else MakeDir(current)
-                )
+                step: Step = MakeFile(current) if last and kind == "file" else MakeDir(current)
+                if step not in made:
+                    made.append(step)
             target = current
-        result.steps.append(Bind(fuse_root.rstrip("/") + path, target))
+        binds.append(Bind(fuse_root.rstrip("/") + path, target))
         result.placed.append(path)
         bound.append(path)
-    # Every overlay before anything else, outer ones first: an overlay made after a
-    # bind below its point would hide that bind.
-    covers = sorted(
-        (s for s in result.steps if isinstance(s, Overlay)), key=lambda s: s.point.count("/")
-    )
-    if "/" in [s.point for s in covers]:
-        covers.sort(key=lambda s: s.point != "/")
-    made = [s for s in result.steps if isinstance(s, (MakeDir, MakeFile))]
-    binds = [s for s in result.steps if isinstance(s, Bind)]
-    result.steps = [*covers, *made, *binds]
+    # Covers first, outer ones before inner ones (an inner one is made inside the outer
+    # one's bound-back entry); then the new entries; then the binds.
+    ordered = sorted(covers, key=lambda p: (p != "/", p.count("/"), p))
+    result.steps = [*(Cover(p) for p in ordered), *made, *binds]
     for path in keep_local:
         if not any(is_under(path, b) for b in bound):
             continue  # not covered by anything remote: it is this machine's already
-        if local.kind(path) is None:
+        if local.kind(path) in (None, "other"):
             result.warnings.append(f"{path} (local) does not exist on this machine: left out")
             continue
         result.steps.append(KeepLocal(path))

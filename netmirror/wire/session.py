@@ -12,13 +12,14 @@ import contextlib
 import json
 import os
 import re
-import shutil
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from netmirror.errors import SessionError
+from netmirror.mounts import table
 
 #: A session name: it becomes part of chain names, cgroup names and paths, so it
 #: is short and plain (iptables limits a chain name to 28 characters).
@@ -142,34 +143,42 @@ class SessionDir:
         """Delete the directory and everything in it, never through a mount point.
 
         The target's files are mounted in here (``root``): whatever is still mounted
-        is left alone (the caller unmounts first), so no file of the target is ever
-        deleted by cleaning up.
+        is left alone (the caller unmounts first), so cleaning up never deletes a
+        file of the target, or of whatever else is mounted below.
         """
-        if not self.path.is_dir():
-            return
-        mounted = False
-        for top, dirs, _files in os.walk(self.path, topdown=True):
-            for name in list(dirs):
-                if os.path.ismount(os.path.join(top, name)):
-                    dirs.remove(name)
-                    mounted = True
-        if not mounted:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        for top, dirs, files in os.walk(self.path, topdown=False):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(top, name))
-            for name in dirs:
-                full = os.path.join(top, name)
-                if os.path.islink(full):
-                    with contextlib.suppress(OSError):
-                        os.unlink(full)
-                elif not os.path.ismount(full):
-                    with contextlib.suppress(OSError):
-                        os.rmdir(full)
+        try:
+            mounted = {m.point for m in table.read()}
+        except OSError:
+            mounted = set()
+        _remove_tree(self.path, mounted)
+
+
+def _remove_tree(path: Path, mounted: set[str]) -> None:
+    """``rm -r`` that never enters a mount point (``mounted``, or another device)."""
+    try:
+        top = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
         with contextlib.suppress(OSError):
-            os.rmdir(self.path)
+            os.unlink(path)
+        return
+    if str(path) in mounted or os.path.ismount(path):
+        return
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in list(entries):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if st.st_dev == top.st_dev and entry.path not in mounted:
+                    _remove_tree(Path(entry.path), mounted)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
 
 
 def list_session_dirs(root: Path | None = None) -> list[SessionDir]:

@@ -242,6 +242,38 @@ def test_writes_go_to_the_target_only_under_read_write_paths(env: Env, target: F
     assert (target.root / "app/config/app.yaml").read_text() == "color: blue\n"
 
 
+def test_this_machines_files_beside_a_missing_remote_path_stay_its_own(
+    env: Env, target: FilesTarget, tmp_path: Path
+) -> None:
+    # The target has <work>/data, which this machine lacks: <work> is covered for the
+    # command, and what was in it is still this machine's, read and written as before.
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    (work / "main.c").write_text("v1\n")
+    (work / "src" / "lib.c").write_text("lib v1\n")
+    remote = target.root / str(work).lstrip("/") / "data"
+    remote.mkdir(parents=True)
+    (remote / "seed.csv").write_text("remote,data\n")
+    # The target's user (uid 1000) must be able to reach it there (pytest's
+    # directories are root's 0700): in the target's own copy of them only.
+    for parent in remote.relative_to(target.root).parents:
+        os.chmod(target.root / parent, 0o755)
+    res = run_exec(
+        env,
+        target,
+        f"cd {work} && cat data/seed.csv main.c && echo v2 > main.c && echo lib v2 > src/lib.c"
+        " && echo new > src/new.c && ls",
+        "--files-ro",
+        f"{work}/data",
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["remote,data", "v1", "data", "main.c", "src"]
+    assert (work / "main.c").read_text() == "v2\n"
+    assert (work / "src" / "lib.c").read_text() == "lib v2\n"
+    assert (work / "src" / "new.c").read_text() == "new\n"
+    assert not (work / "data").exists()
+
+
 def test_errors_are_the_targets(env: Env, target: FilesTarget) -> None:
     script = (
         "python3 - <<'EOF'\n"

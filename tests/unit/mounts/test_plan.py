@@ -6,12 +6,12 @@ from collections.abc import Iterable
 
 from netmirror.mounts.plan import (
     Bind,
+    Cover,
     KeepLocal,
     Kind,
     LocalView,
     MakeDir,
     MakeFile,
-    Overlay,
     Plan,
     plan,
 )
@@ -64,10 +64,10 @@ def test_existing_file_binds_onto_its_real_path() -> None:
     assert result.steps == [Bind(f"{FUSE}/etc/hosts", "/run/hosts")]
 
 
-def test_missing_path_below_the_root_overlays_the_root_and_chroots() -> None:
+def test_missing_path_below_the_root_covers_the_root_and_chroots() -> None:
     result = make([("/data/app", "dir")])
     assert result.steps == [
-        Overlay("/", ("/proc", "/run")),
+        Cover("/"),
         MakeDir("/data"),
         MakeDir("/data/app"),
         Bind(f"{FUSE}/data/app", "/data/app"),
@@ -76,10 +76,10 @@ def test_missing_path_below_the_root_overlays_the_root_and_chroots() -> None:
     assert result.placed == ["/data/app"]
 
 
-def test_missing_path_overlays_its_nearest_existing_directory() -> None:
+def test_missing_path_covers_its_nearest_existing_directory() -> None:
     result = make([("/var/lib/app/state", "dir")])
     assert result.steps == [
-        Overlay("/var/lib", ()),
+        Cover("/var/lib"),
         MakeDir("/var/lib/app"),
         MakeDir("/var/lib/app/state"),
         Bind(f"{FUSE}/var/lib/app/state", "/var/lib/app/state"),
@@ -87,10 +87,10 @@ def test_missing_path_overlays_its_nearest_existing_directory() -> None:
     assert not result.chroot
 
 
-def test_missing_path_on_a_submount_overlays_it_and_reattaches_its_mounts() -> None:
+def test_missing_path_on_a_submount_covers_its_directory() -> None:
     result = make([("/run/secrets/x", "file")])
     assert result.steps == [
-        Overlay("/run", ("/run/lock", "/run/user/1000")),
+        Cover("/run"),
         MakeDir("/run/secrets"),
         MakeFile("/run/secrets/x"),
         Bind(f"{FUSE}/run/secrets/x", "/run/secrets/x"),
@@ -107,22 +107,22 @@ def test_missing_file_is_made_last() -> None:
 
 def test_the_new_root_holds_only_new_top_level_entries() -> None:
     # /opt is bound back into the new root from this machine: a directory made below
-    # it needs an overlay of its own, or it would land on this machine's disk.
+    # it needs a cover of its own, or it would land on this machine's disk.
     result = make([("/data", "dir"), ("/opt/new/x", "file"), ("/srv", "dir"), ("/opt/b/y", "dir")])
-    overlays = [s for s in result.steps if isinstance(s, Overlay)]
-    assert overlays == [Overlay("/", ("/proc", "/run")), Overlay("/opt", ())]
+    covers = [s for s in result.steps if isinstance(s, Cover)]
+    assert covers == [Cover("/"), Cover("/opt")]
     assert MakeDir("/opt/new") in result.steps and MakeFile("/opt/new/x") in result.steps
     assert MakeDir("/data") in result.steps and MakeDir("/opt/b") in result.steps
 
 
-def test_a_submount_under_an_overlaid_root_gets_its_own_overlay() -> None:
-    result = make([("/data", "dir"), ("/run/secrets/x", "file")])
-    overlays = [s for s in result.steps if isinstance(s, Overlay)]
-    assert overlays == [
-        Overlay("/", ("/proc", "/run")),
-        Overlay("/run", ("/run/lock", "/run/user/1000")),
-    ]
-    assert result.placed == ["/data", "/run/secrets/x"]
+def test_each_nearest_directory_gets_its_own_cover_outer_first() -> None:
+    result = make([("/run/secrets/x", "file"), ("/data", "dir"), ("/var/lib/a/b", "dir")])
+    covers = [s for s in result.steps if isinstance(s, Cover)]
+    assert covers == [Cover("/"), Cover("/run"), Cover("/var/lib")]
+    # Every cover comes before anything is made or bound.
+    first_other = next(i for i, s in enumerate(result.steps) if not isinstance(s, Cover))
+    assert all(not isinstance(s, Cover) for s in result.steps[first_other:])
+    assert result.placed == ["/data", "/run/secrets/x", "/var/lib/a/b"]
 
 
 def test_kind_mismatch_is_a_warning_and_no_step() -> None:
@@ -152,3 +152,18 @@ def test_keep_local_only_below_a_bound_path() -> None:
     result = make([("/app", "dir")], local, keep_local=["/app/cache", "/home/me", "/app/missing"])
     assert result.steps == [Bind(f"{FUSE}/app", "/app"), KeepLocal("/app/cache")]
     assert result.warnings == ["/app/missing (local) does not exist on this machine: left out"]
+
+
+def test_a_link_that_leads_nowhere_is_never_made_or_mounted_through() -> None:
+    # /etc/resolv.conf -> ../run/systemd/resolve/stub-resolv.conf, with nothing there.
+    dangling = view(["/etc", "/run"])
+    kind = dangling.kind
+    local = LocalView(
+        realpath=dangling.realpath,
+        kind=lambda p: "other" if p == "/etc/resolv.conf" else kind(p),
+    )
+    result = make([("/etc/resolv.conf", "file")], local)
+    assert result.steps == []
+    assert result.warnings == [
+        "/etc/resolv.conf is a file in the target but a link that leads nowhere here: left as it is"
+    ]
