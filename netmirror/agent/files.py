@@ -159,9 +159,10 @@ class TargetFiles:
 
     @classmethod
     def of_process(cls, pid: int | None) -> TargetFiles:
-        """The root and the user of process ``pid``; this machine's root without one."""
+        """The root and the user of process ``pid``."""
         if pid is None:
-            return cls("/", Credentials(os.getuid(), os.getgid(), frozenset(os.getgroups()), 0))
+            # Never the agent's own root in its place: that is not the target's.
+            raise FileError(errno.ENOENT, "the target has no process whose files to serve")
         return cls(f"/proc/{pid}/root", Credentials.of_process(pid), pid=pid)
 
     def close(self) -> None:
@@ -256,13 +257,15 @@ class TargetFiles:
         finally:
             os.close(fd)
 
-    def list(self, path: str) -> list[Entry]:
+    def list(self, path: str, start: int = 0) -> tuple[list[Entry], bool]:
+        """Entries ``start``.. of a directory (at most :data:`MAX_LIST`, in name order),
+        and whether more follow."""
         fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             self._may(os.fstat(fd), MAY_READ)
-            names = self._call(lambda: os.listdir(fd))
-            if len(names) > MAX_LIST:
-                raise FileError(errno.EOVERFLOW, f"more than {MAX_LIST} entries")
+            every = sorted(self._call(lambda: os.listdir(fd)))
+            names = every[start : start + MAX_LIST]
+            more = start + MAX_LIST < len(every)
             entries: list[Entry] = []
             inline = 0
             may_search = access_of(*_mode_uid_gid(os.fstat(fd)), self.creds) & MAY_EXEC
@@ -284,7 +287,7 @@ class TargetFiles:
                     if data is not None:
                         inline += len(data)
                 entries.append(Entry(name, attr, data))
-            return entries
+            return entries, more
         finally:
             os.close(fd)
 
@@ -309,7 +312,12 @@ class TargetFiles:
     def write(self, path: str, offset: int, data: bytes) -> int:
         fd = self._open(path, os.O_WRONLY | os.O_NOFOLLOW)
         try:
-            self._may(os.fstat(fd), MAY_WRITE)
+            st = os.fstat(fd)
+            # Each write opens the file again: a file made read-only by its creator
+            # (git's objects, mode 0444) is still written through the descriptor it was
+            # created with. Its owner may do so (it could chmod the file anyway).
+            if st.st_uid != self.creds.uid:
+                self._may(st, MAY_WRITE)
             return int(self._call(lambda: os.pwrite(fd, data, offset)))
         finally:
             os.close(fd)
@@ -382,6 +390,8 @@ class TargetFiles:
             self._sticky(old_fd, old_name)
             new_fd, new_name = self._in_parent(new, MAY_WRITE)
             try:
+                if _exists(new_fd, new_name):  # what is replaced is removed: same rule
+                    self._sticky(new_fd, new_name)
                 self._call(
                     lambda: os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
                 )
@@ -422,6 +432,14 @@ class TargetFiles:
         """A new file belongs to the target's user, as if the target had made it."""
         with contextlib.suppress(OSError):  # the agent may lack CAP_CHOWN
             os.fchown(fd, self.creds.uid, self.creds.gid)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def _mode_uid_gid(st: os.stat_result) -> tuple[int, int, int]:
@@ -470,7 +488,8 @@ def serve_request(files: TargetFiles, op: str, args: dict[str, Any]) -> dict[str
         if op == "fs.stat":
             return {"attr": files.stat(path).to_wire()}
         if op == "fs.list":
-            return {"entries": entries_to_wire(files.list(path))}
+            entries, more = files.list(path, _int(args, "start", 0))
+            return {"entries": entries_to_wire(entries), "more": more}
         if op == "fs.readlink":
             return {"target": files.readlink(path)}
         if op == "fs.create":

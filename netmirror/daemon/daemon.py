@@ -303,12 +303,14 @@ class Daemon:
         self.progress.step("mounting the target's files")
         try:
             info = await asyncio.wait_for(self.ask("fs.info", {}), SUBSCRIBE_TIMEOUT)
+            if "errno" in info:
+                return {"error": f"the target's files cannot be read ({info['errno']})"}
             from netmirror.daemon.files import FilesMount, new_volumes
             from netmirror.daemon.files.fuse import TargetFS
             from netmirror.daemon.files.remote import RemoteFiles
 
             remote = RemoteFiles(tunnel_of=self._live_tunnel, ask=self.ask, timeout=files.timeout)
-            writable = [p.removesuffix("/**") for p in files.read_write]
+            writable = list(files.read_write)
             operations = TargetFS(
                 remote,
                 writable=writable,

@@ -49,8 +49,9 @@ MAX_READ = 8 * 1024 * 1024
 INLINE_MAX = 4096
 #: The most inline bytes one listing carries in all.
 INLINE_TOTAL = 256 * 1024
-#: Entries of one directory listing at most (a listing is one REPLY).
-MAX_LIST = 4000
+#: Entries of one page of a directory listing at most (a page is one REPLY; a larger
+#: directory takes several).
+MAX_LIST = 2000
 
 #: Access bits in :attr:`Attr.access`: what the target's user may do.
 MAY_READ, MAY_WRITE, MAY_EXEC = 4, 2, 1
@@ -156,7 +157,9 @@ class Attr:
         if (
             not isinstance(value, list)
             or len(value) != 11
-            or not all(type(v) is int and v >= 0 for v in value)
+            or not all(type(v) is int for v in value)
+            # Times (7, 8, 9) may be before 1970; nothing else is negative.
+            or any(v < 0 for i, v in enumerate(value) if i not in (7, 8, 9))
         ):
             raise ProtocolError("malformed file reply: attributes must be 11 whole numbers")
         return cls(*value)

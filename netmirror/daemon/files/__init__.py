@@ -94,6 +94,8 @@ class FilesMount:
         try:
             pyfuse3.init(self.operations, str(self.point), options)
         except RuntimeError as exc:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=False)
             raise NetmirrorError(
                 f"cannot mount the target's files at {self.point}: {exc}"
             ) from None
@@ -106,14 +108,25 @@ class FilesMount:
         import pyfuse3
 
         task, self._task = self._task, None
+        # Operations waiting on the target end now, with EIO: the FUSE session must
+        # not be closed under an operation that will still answer the kernel.
+        self.operations.remote.close()
         with contextlib.suppress(Exception):
             pyfuse3.terminate()
+        finished = False
         try:
-            await asyncio.wait_for(task, 2)
-        except (TimeoutError, asyncio.CancelledError, Exception):
+            await asyncio.wait_for(asyncio.shield(task), 5)
+            finished = True
+        except (TimeoutError, asyncio.CancelledError):
             task.cancel()
-        with contextlib.suppress(Exception):
-            pyfuse3.close(unmount=True)
+        except Exception as exc:  # the loop ended with an error: it is over all the same
+            log.warning("the FUSE loop ended with %r", exc)
+            finished = True
+        if finished:
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+        else:
+            log.warning("file operations did not finish: leaving the FUSE session open")
         unmount(self.point)
         with contextlib.suppress(OSError):
             os.rmdir(self.point)

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fnmatch
+import functools
 import itertools
 import logging
 import os
+import posixpath
 import stat
 import time
 from collections.abc import Callable, Iterable
@@ -46,11 +49,31 @@ CACHE_TTL = 0.5
 #: The first range a sequential reader fetches, and the largest it grows to.
 READ_FIRST = 256 * 1024
 READ_MAX = 4 * 1024 * 1024
+#: What a read that does not follow the previous one fetches at least.
+READ_RANDOM = 64 * 1024
 
 
-def under(path: str, prefixes: Iterable[str]) -> bool:
-    """Whether ``path`` is one of ``prefixes`` or inside one of them."""
-    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+def under(path: str, patterns: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``patterns`` or inside one (``/a/**`` is the tree
+    ``/a``; a pattern with ``*``, ``?`` or ``[`` matches ``path`` or one of its parents)."""
+    for pattern in patterns:
+        if pattern.endswith("/**"):
+            pattern = pattern[:-3] or "/"
+        if not _GLOB.intersection(pattern):
+            if path == pattern or path.startswith(pattern.rstrip("/") + "/"):
+                return True
+            continue
+        current = path
+        while True:
+            if fnmatch.fnmatchcase(current, pattern):
+                return True
+            if current == "/":
+                break
+            current = posixpath.dirname(current)
+    return False
+
+
+_GLOB = frozenset("*?[")
 
 
 @dataclass
@@ -68,8 +91,8 @@ class _Reader:
     writable: bool
     data: bytes | None = None  # the whole file, when it came with its listing
     ranges: dict[int, tuple[int, asyncio.Task[bytes]]] = field(default_factory=dict)
-    size: int = READ_FIRST
-    last_end: int = -1
+    size: int = READ_FIRST // 2  # doubled by the first read, at offset 0
+    last_end: int = 0
 
 
 class TargetFS(pyfuse3.Operations):
@@ -206,8 +229,13 @@ class TargetFS(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         path = self._path(inode)
-        result = await self._call("fs.list", path=path)
-        entries: list[Entry] = entries_from_wire(result.get("entries"))
+        entries: list[Entry] = []
+        while True:  # one page after another, for a large directory
+            result = await self._call("fs.list", path=path, start=len(entries))
+            page = entries_from_wire(result.get("entries"))
+            entries += page
+            if not result.get("more") or not page:
+                break
         listing = []
         for entry in entries:
             child = child_path(path, entry.name)
@@ -271,7 +299,9 @@ class TargetFS(pyfuse3.Operations):
             return reader.data[off : off + size]
         sequential = off == reader.last_end
         reader.last_end = off + size
-        reader.size = min(reader.size * 2, READ_MAX) if sequential else max(READ_FIRST, size)
+        # Sequential readers get growing ranges; a read elsewhere fetches about what it
+        # asks (a database's random reads must not pull megabytes each).
+        reader.size = min(reader.size * 2, READ_MAX) if sequential else max(READ_RANDOM, size)
         out = bytearray()
         pos, end = off, off + size
         while pos < end:
@@ -285,10 +315,14 @@ class TargetFS(pyfuse3.Operations):
             out += piece
             pos += len(piece)
             if len(chunk) < length and pos >= start + len(chunk):
-                break  # the end of the file
-        # What lies behind the reader is not read again; the next range is on its way.
-        for start in [s for s, (n, _) in reader.ranges.items() if s + n <= off]:
-            reader.ranges.pop(start)[1].cancel()
+                # The end of the file, as it was: read it again next time, for a file
+                # that grows (tail -f).
+                reader.ranges.pop(start, None)
+                break
+        # What lies behind the reader is not read again. A range still on its way may
+        # be awaited by another read of this file: only finished ones are dropped.
+        for start in [s for s, (n, t) in reader.ranges.items() if s + n <= off and t.done()]:
+            reader.ranges.pop(start)
         if sequential:
             ahead = max((s + n for s, (n, _) in reader.ranges.items()), default=off + size)
             if ahead - (off + size) < reader.size:
@@ -394,14 +428,26 @@ class TargetFS(pyfuse3.Operations):
         await self._call("fs.rename", path=old, new=new)
         self._forget_path(old)
         self._forget_path(new)
-        # The inode follows its file: the old path's number now names the new path.
-        inode = self._inodes.pop(old, None)
-        if inode is not None:
-            stale = self._inodes.pop(new, None)
-            if stale is not None:
-                self._paths.pop(stale, None)
-            self._inodes[new] = inode
-            self._paths[inode] = new
+        self._moved(old, new)
+
+    def _moved(self, old: str, new: str) -> None:
+        """Inodes and open files follow a rename: everything at or below ``old`` is now
+        at the same place below ``new`` (what was at ``new`` is gone)."""
+        for path in [p for p in self._inodes if p == new or p.startswith(new + "/")]:
+            self._paths.pop(self._inodes.pop(path), None)
+        prefix = old + "/"
+        for path in [p for p in self._inodes if p == old or p.startswith(prefix)]:
+            inode = self._inodes.pop(path)
+            moved = new + path[len(old) :]
+            self._inodes[moved] = inode
+            self._paths[inode] = moved
+            self._cache.pop(path, None)
+        for reader in self._handles.values():
+            if reader.path == old or reader.path.startswith(prefix):
+                reader.path = new + reader.path[len(old) :]
+        for handle, path in self._dir_paths.items():
+            if path == old or path.startswith(prefix):
+                self._dir_paths[handle] = new + path[len(old) :]
 
     async def setattr(
         self,
@@ -433,3 +479,49 @@ class TargetFS(pyfuse3.Operations):
         self._forget_path(path)
         self._remember(path, new)
         return self._entry(path, new)
+
+
+def _answered(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method``, failing only with :class:`pyfuse3.FUSEError`: pyfuse3 never answers
+    the kernel for any other exception, and the program that asked would wait forever
+    (even SIGKILL cannot end a process stuck in a FUSE request)."""
+
+    @functools.wraps(method)
+    async def answered(self: TargetFS, *args: Any) -> Any:
+        try:
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except RemoteError as exc:
+            raise pyfuse3.FUSEError(exc.code) from None
+        except (asyncio.CancelledError, Exception) as exc:
+            log.warning("the file operation %s failed: %r", name, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return answered
+
+
+for _name in (
+    "lookup",
+    "getattr",
+    "forget",
+    "access",
+    "readlink",
+    "statfs",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "open",
+    "read",
+    "write",
+    "release",
+    "flush",
+    "fsync",
+    "create",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "rename",
+    "setattr",
+):
+    setattr(TargetFS, _name, _answered(_name, getattr(TargetFS, _name)))

@@ -75,31 +75,55 @@ class RemoteFiles:
         self._ask = ask
         self.timeout = timeout
         self.stats = PortStats()
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """Every call waiting now, and every later one, fails with EIO at once."""
+        self._closing.set()
+
+    async def _race(self, what: Awaitable[Any], deadline: float, *extra: Awaitable[Any]) -> Any:
+        """``what``'s result, unless the deadline passes, the files close, or one of
+        ``extra`` ends first (then :class:`RemoteError` EIO)."""
+        task = asyncio.ensure_future(what)
+        stops = [asyncio.ensure_future(self._closing.wait()), *map(asyncio.ensure_future, extra)]
+        try:
+            done, _ = await asyncio.wait(
+                [task, *stops],
+                timeout=max(deadline - time.monotonic(), 0.01),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            for stop in stops:
+                stop.cancel()
+        if task not in done:
+            task.cancel()
+            why = "the files are closing" if self._closing.is_set() else "the target is unreachable"
+            raise RemoteError(errno.EIO, why)
+        return task.result()
 
     async def _tunnel(self, deadline: float) -> Tunnel:
         while True:
+            if self._closing.is_set():
+                raise RemoteError(errno.EIO, "the files are closing")
             tunnel = self._tunnel_of()
             if tunnel is not None:
                 return tunnel
             if time.monotonic() >= deadline:
                 raise RemoteError(errno.EIO, "no tunnel to the target")
-            await asyncio.sleep(0.05)
+            await self._race(asyncio.sleep(0.05), deadline)
 
     async def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """One metadata request; the target's errno is raised as :class:`RemoteError`."""
         deadline = time.monotonic() + self.timeout
         while True:
-            await self._tunnel(deadline)
-            left = deadline - time.monotonic()
+            tunnel = await self._tunnel(deadline)
             try:
-                result = await asyncio.wait_for(self._ask(op, args), max(left, 0.01))
-            except TimeoutError:
-                raise RemoteError(errno.EIO, "the target did not answer in time") from None
-            except NetmirrorError:
+                result: dict[str, Any] = await self._race(self._ask(op, args), deadline)
+            except NetmirrorError as exc:
+                if self._tunnel_of() is tunnel:
+                    # The agent answered with an error, on a tunnel that is still up.
+                    raise RemoteError(errno.EIO, str(exc)) from None
                 # The tunnel went away under the request: wait for the next one.
-                if time.monotonic() >= deadline:
-                    raise RemoteError(errno.EIO, "the tunnel to the target is down") from None
-                await asyncio.sleep(0.05)
                 continue
             if "errno" in result:
                 raise RemoteError(errno_value(result["errno"]))
@@ -141,31 +165,14 @@ class RemoteFiles:
                 tunnel.kick()
                 if view:
                     collector.credit.clear()
-                    await self._wait(collector.credit.wait(), deadline, tunnel)
+                    await self._race(collector.credit.wait(), deadline, tunnel.closed())
             if data:
                 conn.shutdown(stream_id)
             tunnel.kick()
-            data_back: bytes = await self._wait(collector.done, deadline, tunnel)
+            data_back: bytes = await self._race(collector.done, deadline, tunnel.closed())
             return data_back
         finally:
             tunnel.forget(collector)
             if conn.is_open(stream_id):
                 conn.reset(stream_id, "abandoned")
                 tunnel.kick()
-
-    @staticmethod
-    async def _wait(what: Awaitable[Any], deadline: float, tunnel: Tunnel) -> Any:
-        ended = asyncio.ensure_future(tunnel.closed())
-        task = asyncio.ensure_future(what)
-        try:
-            done, _ = await asyncio.wait(
-                [task, ended],
-                timeout=max(deadline - time.monotonic(), 0.01),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            ended.cancel()
-        if task not in done:
-            task.cancel()
-            raise RemoteError(errno.EIO, "the tunnel to the target is down")
-        return task.result()

@@ -189,7 +189,7 @@ def test_list_inlines_at_most_inline_total(files: TargetFiles, root: Path) -> No
     count = INLINE_TOTAL // INLINE_MAX + 5
     for index in range(count):
         (many / f"f{index}").write_bytes(b"y" * INLINE_MAX)
-    entries = files.list("/many")
+    entries, _more = files.list("/many")
     inline = [e for e in entries if e.data is not None]
     assert len(entries) == count
     assert sum(len(e.data or b"") for e in inline) <= INLINE_TOTAL
@@ -232,7 +232,7 @@ def test_symlinks_resolve_inside_the_root(files: TargetFiles) -> None:
     assert files.read("/up/passwd", 0, 100) == b"target's passwd\n"
     assert files.read("/link/link/link/etc/passwd", 0, 100) == b"target's passwd\n"
     assert req(files, "fs.stat", path="/../../etc/passwd")["attr"][4] == 16
-    assert {e.name for e in files.list("/link/etc")} == {"passwd", "shadow", "big", "sub"}
+    assert {e.name for e in files.list("/link/etc")[0]} == {"passwd", "shadow", "big", "sub"}
     with pytest.raises(FileError) as caught:
         files.read("/pw", 0, 100)  # the last component is never followed
     assert caught.value.name == "ELOOP"
@@ -354,3 +354,45 @@ def test_a_file_below_an_unsearchable_directory_is_refused(files: TargetFiles, r
     with pytest.raises(FileError) as caught:
         files.read("/etc/sub/f", 0, 100)
     assert caught.value.name == "EACCES"
+
+
+# ------------------------------------------------- sticky renames, own files, pages, no process
+
+
+def test_a_rename_over_someone_elses_file_in_a_sticky_directory_is_refused(
+    files: TargetFiles, root: Path
+) -> None:
+    tmp = root / "tmp"
+    tmp.mkdir(mode=0o1777)
+    tmp.chmod(0o1777)
+    (tmp / "rootfile").write_text("root's\n")
+    (tmp / "mine").write_text("mine\n")
+    os.chown(tmp / "mine", UID, GID)
+    assert req(files, "fs.rename", path="/tmp/mine", new="/tmp/rootfile") == {"errno": "EPERM"}
+    assert (tmp / "rootfile").read_text() == "root's\n"
+
+
+def test_the_owner_writes_its_read_only_file_it_just_made(files: TargetFiles, root: Path) -> None:
+    assert "attr" in req(files, "fs.create", path="/home/obj", mode=0o444, exclusive=True)
+    assert files.write("/home/obj", 0, b"blob") == 4
+    assert (root / "home" / "obj").read_bytes() == b"blob"
+
+
+def test_a_large_directory_is_listed_in_pages(files: TargetFiles, root: Path) -> None:
+    many = root / "home" / "lots"
+    many.mkdir()
+    for i in range(4500):
+        (many / f"f{i:05d}").touch()
+    names: list[str] = []
+    more = True
+    while more:
+        page = req(files, "fs.list", path="/home/lots", start=len(names))
+        names += [item[0] for item in page["entries"]]
+        more = page["more"]
+    assert names == sorted(f"f{i:05d}" for i in range(4500))
+
+
+def test_without_a_process_there_are_no_files_rather_than_the_agents_own() -> None:
+    with pytest.raises(FileError) as caught:
+        TargetFiles.of_process(None)
+    assert caught.value.name == "ENOENT"
