@@ -1,6 +1,9 @@
 """HTTP-filtered steal: what the requests that are *not* stolen pay for the filter.
 
-Run with ``make bench`` (root; wrk and nginx come from Debian). nginx serves a
+Run with ``make bench`` (root; wrk and nginx come from Debian). Beside netmirror's
+router, the C reference: nginx in the pod on port 81 doing the same job (a ``map`` on
+the header between two keep-alive upstreams, the pod's nginx and the developer's);
+the ratios to it are the HTTP filter's targets. nginx serves a
 1 KiB page in a sandbox pod; wrk (keep-alive, 50 connections) asks for it from
 the host. In the same run, alternating so drift hits all alike:
 
@@ -35,6 +38,8 @@ from sandbox import Sandbox
 
 POD_PORT = 80
 LOCAL_PORT = 18080
+#: The C reference: nginx in the pod doing the router's job on another port.
+ROUTER_PORT = 81
 SESSION = "benchhttp"
 HERE = Path(__file__).resolve().parent
 
@@ -57,6 +62,48 @@ def wrk(url: str, seconds: int, header: str | None, connections: int = 50) -> di
     return data
 
 
+def nginx_router_conf(root: Path, *, pod: str, dev: str, listen: str) -> Path:
+    """nginx as the HTTP filter would be in C: a ``map`` on the header chooses between
+    two keep-alive upstreams, the pod's server and the developer's (one worker, as the
+    router is one process)."""
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    temp = "\n".join(
+        f"  {kind}_temp_path {root}/tmp-{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = root / "nginx.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+daemon off;
+master_process on;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+{temp}
+  keepalive_requests 100000000;
+  keepalive_timeout 120s;
+  map $http_x_dev $backend {{ "bench" dev; default pod; }}
+  upstream pod {{ server {pod}; keepalive 64; }}
+  upstream dev {{ server {dev}; keepalive 64; }}
+  server {{
+    listen {listen} backlog=4096;
+    location / {{
+      proxy_pass http://$backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+    }}
+  }}
+}}
+"""
+    )
+    return conf
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.http_filter")
     parser.add_argument("--seconds", type=int, default=5)
@@ -74,24 +121,54 @@ def main() -> int:
         "stolen": [],
         "direct, 1 connection": [],
         "passthrough, 1 connection": [],
+        "nginx router, passed": [],
+        "nginx router, to the developer": [],
+        "nginx router, passed, 1 connection": [],
     }
     try:
         if box.exists():
             box.destroy()
         box.create()
         pod_conf = nginx_conf(workdir / "pod", f"0.0.0.0:{POD_PORT}")
+        # The developer's nginx, on loopback (for netmirror) and on this machine's side
+        # of the pod's link (for the nginx router in the pod).
         local_conf = nginx_conf(workdir / "local", f"127.0.0.1:{LOCAL_PORT}")
+        text = local_conf.read_text()
+        local_conf.write_text(
+            text.replace(
+                f"listen 127.0.0.1:{LOCAL_PORT} backlog=4096;",
+                f"listen 127.0.0.1:{LOCAL_PORT} backlog=4096;\n"
+                f"    listen {box.host_ip}:{LOCAL_PORT} backlog=4096;",
+            )
+        )
+        router_conf = nginx_router_conf(
+            workdir / "router",
+            pod=f"127.0.0.1:{POD_PORT}",
+            dev=f"{box.host_ip}:{LOCAL_PORT}",
+            listen=f"0.0.0.0:{ROUTER_PORT}",
+        )
         procs.append(box.popen("nginx", "-p", str(pod_conf.parent), "-c", str(pod_conf)))
         wait_port(box.pod_ip, POD_PORT, proc=procs[-1])
         procs.append(
             subprocess.Popen(["nginx", "-p", str(local_conf.parent), "-c", str(local_conf)])
         )
         wait_port("127.0.0.1", LOCAL_PORT, proc=procs[-1])
+        procs.append(box.popen("nginx", "-p", str(router_conf.parent), "-c", str(router_conf)))
+        wait_port(box.pod_ip, ROUTER_PORT, proc=procs[-1])
         url = f"http://{box.pod_ip}:{POD_PORT}/index.html"
+        router_url = f"http://{box.pod_ip}:{ROUTER_PORT}/index.html"
         wrk(url, 1, None)  # warm up, and check nginx answers
+        wrk(router_url, 1, "x-dev: bench")  # and that the router reaches both upstreams
         for _ in range(args.rounds):
             samples["direct"].append(wrk(url, args.seconds, None))
             samples["direct, 1 connection"].append(wrk(url, args.seconds, None, 1))
+            samples["nginx router, passed"].append(wrk(router_url, args.seconds, None))
+            samples["nginx router, to the developer"].append(
+                wrk(router_url, args.seconds, "x-dev: bench")
+            )
+            samples["nginx router, passed, 1 connection"].append(
+                wrk(router_url, args.seconds, None, 1)
+            )
             netmirror(
                 "up",
                 "--target",
@@ -121,9 +198,16 @@ def main() -> int:
         baseline = "direct, 1 connection" if "1 connection" in path else "direct"
         direct = statistics.median(s["requests_per_s"] for s in samples[baseline])
         rps = statistics.median(s["requests_per_s"] for s in runs)
+        reference = {
+            "passthrough": "nginx router, passed",
+            "stolen": "nginx router, to the developer",
+            "passthrough, 1 connection": "nginx router, passed, 1 connection",
+        }.get(path, path)
+        nginx = statistics.median(s["requests_per_s"] for s in samples[reference])
         summary[path] = {
             "requests_per_s": rps,
             "ratio_to_direct": rps / direct,
+            "ratio_to_nginx_router": rps / nginx,
             "p50_us": statistics.median(s["p50_us"] for s in runs),
             "p99_us": statistics.median(s["p99_us"] for s in runs),
             "errors": sum(s["errors"] for s in runs),
@@ -137,11 +221,12 @@ def main() -> int:
         "samples": samples,
     }
     (RESULTS / "http_filter.json").write_text(json.dumps(out, indent=2))
-    print("| path | requests/s | vs direct | p50 | p99 | errors |")
-    print("|---|---|---|---|---|---|")
+    print("| path | requests/s | vs direct | vs the nginx router | p50 | p99 | errors |")
+    print("|---|---|---|---|---|---|---|")
     for path, row in summary.items():
         print(
             f"| {path} | {row['requests_per_s']:,.0f} | {row['ratio_to_direct']:.2f}x | "
+            f"{row['ratio_to_nginx_router']:.2f}x | "
             f"{row['p50_us'] / 1000:.2f} ms | {row['p99_us'] / 1000:.2f} ms | {row['errors']} |"
         )
     return 0
