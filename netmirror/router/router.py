@@ -515,8 +515,13 @@ class ClientConnection(asyncio.Protocol):
             self.h2.close_upstreams()
         if self._timer is not None:
             self._timer.cancel()
-        for up in [self.upstream, *self.kept.values()]:
-            if up is not None:
+        if self.upstream is not None:
+            self.upstream.close()
+        for up in self.kept.values():
+            pool = self.router.pool.setdefault(self.dst, [])
+            if up.target == ORIGINAL and not up.closed and len(pool) < POOL_SIZE:
+                pool.append(up)  # idle between requests: another client may use it
+            else:
                 up.close()
         self.kept.clear()
         self.upstream = None
@@ -683,17 +688,14 @@ class ClientConnection(asyncio.Protocol):
             up.close()
             return
         up.owner = None
-        if up.target == ORIGINAL:
-            pool = self.router.pool.setdefault(self.dst, [])
-            if len(pool) < POOL_SIZE:
-                pool.append(up)
-                return
-            up.close()
-        else:
-            old = self.kept.pop(up.target, None)
-            if old is not None:
-                old.close()
-            self.kept[up.target] = up
+        # Kept on this client connection for its next request to the same target (the
+        # original server's too: handing it to the shared pool between requests made
+        # busy clients connect anew all the time); the pool gets it when the client
+        # leaves.
+        old = self.kept.pop(up.target, None)
+        if old is not None:
+            old.close()
+        self.kept[up.target] = up
 
     def _close(self, reset: bool) -> None:
         self.done = True
