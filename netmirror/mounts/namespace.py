@@ -62,8 +62,8 @@ def detach(target: str) -> None:
 def _bind_back(source: str, target: str) -> list[str]:
     """Put ``source`` (an entry of a covered directory) at ``target`` in its cover; a
     warning for an entry that could not be put back (the command sees it empty)."""
-    st = os.lstat(source)
     try:
+        st = os.lstat(source)
         if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(source), target)
         elif stat.S_ISDIR(st.st_mode):
@@ -72,6 +72,8 @@ def _bind_back(source: str, target: str) -> list[str]:
         else:
             os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             mount(source, target, None, MS_BIND)
+    except FileNotFoundError:
+        return []  # gone since the listing
     except OSError as exc:
         return [f"{target.rsplit('/', 1)[-1]}: could not be put back: {exc}"]
     return []
@@ -137,15 +139,22 @@ def enter(plan: Plan, *, workspace: str, fuse_root: str = "") -> list[str]:
             where = prefix + step.point
             held = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                mode = stat.S_IMODE(os.fstat(held).st_mode)
-                mount("netmirror", where, "tmpfs", 0, f"mode={mode:o}")
+                st = os.fstat(held)
+                # The cover looks like the directory it covers: its mode and owner.
+                options = f"mode={stat.S_IMODE(st.st_mode):o},uid={st.st_uid},gid={st.st_gid}"
+                mount("netmirror", where, "tmpfs", 0, options)
                 for name in os.listdir(held):
                     warnings += _bind_back(f"/proc/self/fd/{held}/{name}", f"{where}/{name}")
             finally:
                 os.close(held)
         elif isinstance(step, MakeDir):
-            # Never through a symbolic link: a new entry is made in the cover's tmpfs.
-            os.mkdir(prefix + step.path, 0o755)
+            # Never through a symbolic link: a new entry is made in the cover's tmpfs
+            # (one that appeared since the plan is used if it is a real directory).
+            try:
+                os.mkdir(prefix + step.path, 0o755)
+            except FileExistsError:
+                if not stat.S_ISDIR(os.lstat(prefix + step.path).st_mode):
+                    raise
         elif isinstance(step, MakeFile):
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
             os.close(os.open(prefix + step.path, flags, 0o644))

@@ -318,6 +318,13 @@ class Upstream(asyncio.Protocol):
         if self.owner is not None:
             self.owner.from_upstream(self, data)
 
+    @property
+    def reusable(self) -> bool:
+        """Still open both ways: the server has not closed its side (it may, while idle)."""
+        if self.closed or self._ended:
+            return False
+        return self.transport is None or not self.transport.is_closing()
+
     def eof_received(self) -> bool:
         owner = self.owner
         self._end(None)
@@ -519,7 +526,7 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.close()
         for up in self.kept.values():
             pool = self.router.pool.setdefault(self.dst, [])
-            if up.target == ORIGINAL and not up.closed and len(pool) < POOL_SIZE:
+            if up.target == ORIGINAL and up.reusable and len(pool) < POOL_SIZE:
                 pool.append(up)  # idle between requests: another client may use it
             else:
                 up.close()
@@ -631,16 +638,19 @@ class ClientConnection(asyncio.Protocol):
         self.keep_for_fallback = True
         self._forget_sent()
         kept = self.kept.pop(target, None)
-        if kept is not None and not kept.closed:
-            self._use(kept)
-            return
+        if kept is not None:
+            if kept.reusable:
+                self._use(kept)
+                return
+            kept.close()
         if target == ORIGINAL:
             pool = self.router.pool.get(self.dst, [])
             while pool:
                 up = pool.pop()
-                if not up.closed:
+                if up.reusable:
                     self._use(up)
                     return
+                up.close()
         up = Upstream(target, self.dst if target == ORIGINAL else None)
         self._use(up)
         self._connecting = self.router.tasks.spawn(self._connect(up), name="connect")
@@ -684,7 +694,7 @@ class ClientConnection(asyncio.Protocol):
         if up.transport is not None:
             # It may have been paused for a slow client: the next user must read it.
             up.transport.resume_reading()
-        if not reusable or up.closed:
+        if not reusable or not up.reusable:
             up.close()
             return
         up.owner = None

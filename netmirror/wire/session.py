@@ -150,7 +150,9 @@ class SessionDir:
             mounted = {m.point for m in table.read()}
         except OSError:
             mounted = set()
-        _remove_tree(self.path, mounted)
+        # The mount table holds canonical paths: compare with the canonical one (the
+        # state directory may be given relative, or through a symbolic link).
+        _remove_tree(Path(os.path.realpath(self.path)), mounted)
 
 
 def _remove_tree(path: Path, mounted: set[str]) -> None:

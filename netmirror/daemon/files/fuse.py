@@ -316,9 +316,11 @@ class TargetFS(pyfuse3.Operations):
             pos += len(piece)
             if len(chunk) < length and pos >= start + len(chunk):
                 # The end of the file, as it was: read it again next time, for a file
-                # that grows (tail -f).
+                # that grows (tail -f); nothing is fetched ahead past it.
                 reader.ranges.pop(start, None)
-                break
+                for later in [s for s in reader.ranges if s > start]:
+                    reader.ranges.pop(later)
+                return bytes(out)
         # What lies behind the reader is not read again. A range still on its way may
         # be awaited by another read of this file: only finished ones are dropped.
         for start in [s for s, (n, t) in reader.ranges.items() if s + n <= off and t.done()]:
@@ -344,8 +346,7 @@ class TargetFS(pyfuse3.Operations):
         reader = self._handles.get(fh)
         if reader is None or not reader.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        for _, task in reader.ranges.values():
-            task.cancel()
+        # What was fetched is stale now; reads still waiting for it get it as it was.
         reader.ranges.clear()
         try:
             written = await self.remote.write(reader.path, off, bytes(buf))

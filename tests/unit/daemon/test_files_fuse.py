@@ -96,8 +96,29 @@ async def test_a_file_that_grows_is_read_again_past_its_old_end() -> None:
     fs = TargetFS(remote)  # type: ignore[arg-type]
     fh = await opened(fs, "/log")
     assert await fs.read(fh, 0, 4096) == b"line1\n"
+    for _ in range(5):  # whatever the read left running runs now, before the file grows
+        await asyncio.sleep(0)
     remote.files["/log"] += b"line2\n"
     assert await fs.read(fh, 6, 4096) == b"line2\n"
+
+
+async def test_a_write_does_not_fail_a_read_in_flight() -> None:
+    remote = Remote({"/db": bytes(1024 * 1024)})
+
+    async def write(path: str, offset: int, data: bytes) -> int:
+        return len(data)
+
+    remote.write = write  # type: ignore[attr-defined]
+    fs = TargetFS(remote, writable=["/db"])  # type: ignore[arg-type]
+    entry = await fs.lookup(pyfuse3.ROOT_INODE, b"db", None)
+    fh = int((await fs.open(entry.st_ino, os.O_RDWR, None)).fh)
+    gate = asyncio.Event()
+    remote.slow[0] = gate
+    reading = asyncio.ensure_future(fs.read(fh, 0, 4096))
+    await asyncio.sleep(0.01)
+    assert await fs.write(fh, 50000, b"x" * 10) == 10
+    gate.set()
+    assert await asyncio.wait_for(reading, 2) == bytes(4096)
 
 
 async def test_random_reads_fetch_about_what_they_ask() -> None:
