@@ -7,7 +7,9 @@
 4. ``netmirror status``, then ``netmirror down``: the pod answers again;
 5. ``--http-header``: only requests carrying your header come to v2;
 6. ``netmirror exec``: a local command with the pod's environment, reaching a
-   service only the pod can reach, by a name only the pod knows.
+   service only the pod can reach, by a name only the pod knows;
+7. the pod's files: a container-like process in the pod with a root of its own;
+   a local command reads its config and its service-account token at their paths.
 
 Everything is removed at the end, also on Ctrl-C or an error.
 """
@@ -206,6 +208,37 @@ def demo() -> int:
             "neither reaches it nor knows the name)"
         )
         netmirror("exec", "--target", box.target, "--session", SESSION, "--", "sh", "-c", script)
+
+        say("Read the pod's files at their own paths (its ConfigMap, its token)")
+        from sandbox.files import TOKEN_DIR, FilesTarget
+
+        container = FilesTarget(box.netns, big=1 << 20, small=10).start()
+        try:
+            print(
+                f"(a process in the pod with a root of its own: {TOKEN_DIR} and /app do not "
+                "exist on this machine, and never will)"
+            )
+            script = (
+                f"cat /app/config/app.yaml {TOKEN_DIR}/token; "
+                'ls "$NETMIRROR_ROOT/data/small" | head -3'
+            )
+            netmirror(
+                "exec",
+                "--target",
+                container.spec,
+                "--session",
+                SESSION,
+                "--no-outgoing",
+                "--files-ro",
+                "/app/config",
+                "--",
+                "sh",
+                "-c",
+                script,
+            )
+            run("ls", "-d", "/app", TOKEN_DIR, check=False)
+        finally:
+            container.stop()
         say("Done: the pod answers itself again, and nothing of netmirror is left")
         return 0
     except KeyboardInterrupt:
