@@ -223,13 +223,9 @@ class Processes:
             self.stop(proc)
 
 
-def nginx_conf(root: Path, listen: str) -> Path:
-    """An nginx config serving a 1 KiB page from ``root/www`` on ``listen``, keep-alive."""
-    (root / "www").mkdir(parents=True, exist_ok=True)
-    (root / "www" / "index.html").write_text("netmirror benchmark " * 51 + "\n")  # 1 KiB
-    for path in (root.parent, root, root / "www"):
-        path.chmod(0o755)
-    (root / "www" / "index.html").chmod(0o644)
+def nginx_http_conf(root: Path, http: str) -> Path:
+    """``root/nginx.conf``: one worker in the foreground, its files under ``root``, keep-alive
+    without limits, and ``http`` inside the ``http`` block."""
     temp = "\n".join(
         f"  {kind}_temp_path {root}/tmp-{kind};"
         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
@@ -248,13 +244,26 @@ http {{
 {temp}
   keepalive_requests 100000000;
   keepalive_timeout 120s;
-  default_type text/html;
-  server {{
-    listen {listen} backlog=4096;
-    root {root}/www;
-    location / {{ }}
-  }}
+{http}
 }}
 """
     )
     return conf
+
+
+def nginx_conf(root: Path, listen: str) -> Path:
+    """An nginx config serving a 1 KiB page from ``root/www`` on ``listen``, keep-alive."""
+    (root / "www").mkdir(parents=True, exist_ok=True)
+    (root / "www" / "index.html").write_text("netmirror benchmark " * 51 + "\n")  # 1 KiB
+    for path in (root.parent, root, root / "www"):
+        path.chmod(0o755)
+    (root / "www" / "index.html").chmod(0o644)
+    return nginx_http_conf(
+        root,
+        f"""  default_type text/html;
+  server {{
+    listen {listen} backlog=4096;
+    root {root}/www;
+    location / {{ }}
+  }}""",
+    )

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, machine, netmirror, nginx_conf, wait_port
+from benchmarks.common import RESULTS, machine, netmirror, nginx_conf, nginx_http_conf, wait_port
 from sandbox import Sandbox
 
 POD_PORT = 80
@@ -68,25 +68,9 @@ def nginx_router_conf(root: Path, *, pod: str, dev: str, listen: str) -> Path:
     router is one process)."""
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)
-    temp = "\n".join(
-        f"  {kind}_temp_path {root}/tmp-{kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    conf = root / "nginx.conf"
-    conf.write_text(
-        f"""worker_processes 1;
-daemon off;
-master_process on;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-worker_rlimit_nofile 65536;
-events {{ worker_connections 16384; }}
-http {{
-  access_log off;
-{temp}
-  keepalive_requests 100000000;
-  keepalive_timeout 120s;
-  map $http_x_dev $backend {{ "bench" dev; default pod; }}
+    return nginx_http_conf(
+        root,
+        f"""  map $http_x_dev $backend {{ "bench" dev; default pod; }}
   upstream pod {{ server {pod}; keepalive 64; }}
   upstream dev {{ server {dev}; keepalive 64; }}
   server {{
@@ -97,11 +81,8 @@ http {{
       proxy_set_header Connection "";
       proxy_set_header Host $host;
     }}
-  }}
-}}
-"""
+  }}""",
     )
-    return conf
 
 
 def main() -> int:

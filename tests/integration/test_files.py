@@ -14,6 +14,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,25 +125,7 @@ def test_the_command_reads_the_targets_files_at_their_paths(env: Env, target: Fi
 
 
 def test_other_processes_see_nothing_while_the_command_runs(env: Env, target: FilesTarget) -> None:
-    proc = subprocess.Popen(
-        [
-            *env_cli(env),
-            "exec",
-            "--target",
-            target.spec,
-            "--no-outgoing",
-            "--files-ro",
-            "/app/config",
-            "--",
-            "sh",
-            "-c",
-            "cat /app/config/app.yaml; exec sleep 30",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env.env,
-    )
-    env.procs.append(proc)
+    proc = start_exec(env, target, "cat /app/config/app.yaml; exec sleep 30")
     try:
         assert read_line(proc.stdout, 30, "the first read") == "color: blue"
         assert not Path("/app").exists()
@@ -156,10 +139,35 @@ def test_other_processes_see_nothing_while_the_command_runs(env: Env, target: Fi
         proc.wait(30)
 
 
-def env_cli(env: Env) -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "netmirror"]
+def start_exec(
+    env: Env, target: FilesTarget, script: str, *flags: str, stderr: int = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """``netmirror exec ... --files-ro /app/config -- sh -c SCRIPT``, left running; its
+    stdin and stdout are pipes."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "netmirror",
+            "exec",
+            *flags,
+            "--target",
+            target.spec,
+            "--no-outgoing",
+            "--files-ro",
+            "/app/config",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        env=env.env,
+    )
+    env.procs.append(proc)
+    return proc
 
 
 def test_large_and_many_small_files_arrive_whole(env: Env, target: FilesTarget) -> None:
@@ -184,26 +192,7 @@ def test_a_file_changed_in_the_target_shows_within_a_second(env: Env, target: Fi
         "while ! grep -q green /app/config/app.yaml; do sleep 0.05; done;"
         "echo $(( ($(date +%s%N) - start) / 1000000 ))"
     )
-    proc = subprocess.Popen(
-        [
-            *env_cli(env),
-            "exec",
-            "--target",
-            target.spec,
-            "--no-outgoing",
-            "--files-ro",
-            "/app/config",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env.env,
-    )
-    env.procs.append(proc)
+    proc = start_exec(env, target, script)
     assert proc.stdout is not None and proc.stdin is not None
     assert read_line(proc.stdout, 30, "the first read") == "color: blue"
     config.write_text("color: green\n")
@@ -305,28 +294,7 @@ def test_a_cut_tunnel_gives_eio_within_the_bound(
     config = tmp_path / "netmirror.yaml"
     config.write_text("files:\n  timeout: 2\n")
     script = "cat /app/config/app.yaml; read go; sleep 1; cat /app/config/features.json; echo rc=$?"
-    proc = subprocess.Popen(
-        [
-            *env_cli(env),
-            "exec",
-            "--config",
-            str(config),
-            "--target",
-            target.spec,
-            "--no-outgoing",
-            "--files-ro",
-            "/app/config",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env.env,
-    )
-    env.procs.append(proc)
+    proc = start_exec(env, target, script, "--config", str(config), stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdin is not None
     assert read_line(proc.stdout, 30, "the first read") == "color: blue"
     agents = [pid for pid, cmd in env._our_pids().items() if " agent " in cmd]
@@ -348,25 +316,7 @@ def test_a_cut_tunnel_gives_eio_within_the_bound(
 
 @pytest.mark.parametrize("how", ["sigint", "kill-exec", "kill-daemon"])
 def test_nothing_stays_mounted_however_exec_ends(env: Env, target: FilesTarget, how: str) -> None:
-    proc = subprocess.Popen(
-        [
-            *env_cli(env),
-            "exec",
-            "--target",
-            target.spec,
-            "--no-outgoing",
-            "--files-ro",
-            "/app/config",
-            "--",
-            "sh",
-            "-c",
-            "cat /app/config/app.yaml; exec sleep 60",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env.env,
-    )
-    env.procs.append(proc)
+    proc = start_exec(env, target, "cat /app/config/app.yaml; exec sleep 60")
     assert proc.stdout is not None
     assert read_line(proc.stdout, 30, "the first read") == "color: blue"
     mounted = fuse_mounts()

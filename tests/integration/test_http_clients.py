@@ -76,30 +76,16 @@ def exchange(host: str, port: int, requests: list[bytes], *, read_all: bool = Fa
     return out
 
 
-def _read_answer(sock: socket.socket) -> bytes:
+def _read_answer(sock: socket.socket, buf: bytes = b"") -> bytes:
     """One response (any 1xx before it included), framed by Content-Length or EOF."""
-    buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return buf + b"[eof]"
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        if re.match(rb"HTTP/1\.[01] 1\d\d", head):
-            out_head = head + b"\r\n\r\n"
-            buf = rest
-            return out_head + _read_answer_from(sock, buf)
-        return _finish(sock, head, rest)
-
-
-def _read_answer_from(sock: socket.socket, buf: bytes) -> bytes:
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
         if not chunk:
             return buf + b"[eof]"
         buf += chunk
     head, _, rest = buf.partition(b"\r\n\r\n")
+    if re.match(rb"HTTP/1\.[01] 1\d\d", head):
+        return head + b"\r\n\r\n" + _read_answer(sock, rest)
     return _finish(sock, head, rest)
 
 
