@@ -22,6 +22,7 @@ from typing import Any
 
 from netmirror.errors import NetmirrorError
 from netmirror.mounts import table
+from netmirror.mounts.namespace import detach
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,12 @@ def unmount(point: Path) -> bool:
     """Unmount ``point`` if something is mounted there (lazily: users may hold it)."""
     if not is_mounted(point):
         return False
-    for command in (["fusermount3", "-u", "-z", str(point)], ["umount", "-l", str(point)]):
-        with contextlib.suppress(OSError):
-            if subprocess.run(command, capture_output=True, check=False).returncode == 0:
-                return True
+    with contextlib.suppress(OSError):
+        detach(str(point))
+        return True
+    # Not root: the FUSE helper may unmount what this user mounted.
+    with contextlib.suppress(OSError):
+        subprocess.run(["fusermount3", "-u", "-z", str(point)], capture_output=True, check=False)
     return not is_mounted(point)
 
 
