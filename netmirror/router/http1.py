@@ -7,13 +7,17 @@ which finds the HTTP/1.x requests in them, asks ``route(head)`` where each goes
 send bytes to it or to the client, release the upstream, turn the connection into
 a raw pipe, or close. Nothing here touches a socket, a clock or an event loop.
 
-Bytes are relayed exactly as received: h11 only finds where messages begin and end
-(and parses heads for the route); the client's request bytes go to the upstream
-unchanged and the upstream's response bytes go to the client unchanged. One
-exchange (request and response) runs at a time: requests that a client pipelines
-are held, and routed one by one as the previous response completes, so responses
-return in order. Between requests, stray empty lines (CR, LF) that some clients
-send after a body are dropped.
+Bytes are relayed exactly as received. llhttp (through httptools, in C) parses the
+heads, request and response, and validates them strictly; it also finds the end of
+chunked bodies. Where a message ends is worked out here, because httptools reports
+no offsets: a head ends at its first empty line; a ``Content-Length`` body is
+counted; a chunked body is fed to llhttp in pieces that each end at a ``CRLF CRLF``
+(where any chunked body must end), so the piece after which llhttp completes the
+message ends exactly where the message does. No per-byte Python work is done on
+bodies. One exchange (request and response) runs at a time: requests that a client
+pipelines are held, and routed one by one as the previous response completes, so
+responses return in order. Between requests, stray empty lines (CR, LF) that some
+clients send after a body are dropped.
 
 Decisions:
 
@@ -24,19 +28,18 @@ Decisions:
   the rest of the body (or, if it is gone, the rest is dropped). ``Release(True)``
   only when both sides kept the connection alive and the upstream sent nothing
   after its response and did not close.
-* Bytes that cannot be filtered go to the original server untouched: if the first
-  request is not HTTP/1.0 or 1.1 (h11 rejects it, or it is HTTP/2's
-  ``PRI * HTTP/2.0`` preface), if no complete head came when the I/O layer calls
-  :meth:`Relay.head_timeout`, or if the client half-closes in the middle of its first
-  head, the relay emits ``Connect(ORIGINAL)``, the bytes so far and :class:`Pipe`.
-* A request head longer than ``max_head`` goes to the original server the same way,
-  whether it is the first request or a later one (the previous exchanges are all
-  complete by then): the rest of the connection is piped, unfiltered.
-* A later request head that cannot be filtered (malformed, or with both
-  ``Content-Length`` and ``Transfer-Encoding``, a request-smuggling shape) goes to the
-  original server the same way, with the rest of the connection: the server answers
-  it as it would without netmirror. A malformed request *body* has gone to the
-  upstream as it came: from then on the connection is a raw pipe to that upstream.
+* Bytes that cannot be filtered go to the original server untouched, with the rest
+  of the connection (a raw pipe), and the server answers them as it would without
+  netmirror; the router never answers for it. That is: a request head llhttp
+  rejects (not HTTP, a method it does not know, obs-fold, bare LF line ends, both
+  ``Content-Length`` and ``Transfer-Encoding``, the request-smuggling shape...), as
+  soon as llhttp rejects it; a version other than HTTP/1.0 or 1.1 (HTTP/2's
+  ``PRI * HTTP/2.0`` preface among them); an HTTP/1.1 request without ``Host``; a
+  head longer than ``max_head``; no complete first head when the I/O layer calls
+  :meth:`Relay.head_timeout`; a client that half-closes in the middle of its first
+  head. A later request is piped the same way (the previous exchanges are all
+  complete by then). A malformed request *body* has gone to the upstream as it
+  came: from then on the connection is a raw pipe to that upstream.
 * An upstream that fails, closes or answers garbage before the final response head
   went to the client gives the client ``502 Bad Gateway`` (1xx responses already
   relayed do not count); after that head, the connection is reset.
@@ -44,10 +47,11 @@ Decisions:
   connection unless it says ``Connection: close``; an HTTP/1.0 one only if it says
   ``Connection: keep-alive``, and an HTTP/1.0 client's connection stays only if the
   response says ``keep-alive`` as well. A response delimited by the upstream's EOF
-  closes the client connection after the exchange. So does
-  a response with both ``Content-Length`` and ``Transfer-Encoding``, and a final
-  response to an ``Expect: 100-continue`` request that came before any of its body
-  (whether the client sends the body then is its choice: what follows is ambiguous).
+  closes the client connection after the exchange. So does a response with both
+  ``Content-Length`` and ``Transfer-Encoding`` (read as chunked, RFC 9112 6.3), and
+  a final response to an ``Expect: 100-continue`` request that came before any of
+  its body (whether the client sends the body then is its choice: what follows is
+  ambiguous).
 * A client that half-closes after a complete request still gets its response (and
   those of complete requests it pipelined before), then the connection closes.
 * ``route`` raising, or returning something other than a string, sends the request
@@ -62,7 +66,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final, TypeAlias
 
-import h11
+import httptools
 
 from netmirror.wire.httpfilter import RequestHead
 
@@ -75,8 +79,10 @@ BAD_GATEWAY: Final = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnecti
 DEFAULT_MAX_HEAD: Final = 64 * 1024
 DEFAULT_MAX_HELD: Final = 256 * 1024
 
-_HTTP1 = (b"1.0", b"1.1")
+_HTTP1 = ("1.0", "1.1")
 _BLANK = b"\r\n"
+_END = b"\r\n\r\n"
+_OWS = b" \t"
 
 
 # --- actions ----------------------------------------------------------------------------
@@ -139,6 +145,169 @@ class Close:
 Action: TypeAlias = Connect | ToUpstream | ToClient | Release | Pipe | Close
 
 
+# --- heads ------------------------------------------------------------------------------
+
+
+class Head:
+    """One message head as llhttp parsed it; also the parser's callback object."""
+
+    __slots__ = ("complete", "done", "headers", "target", "upgraded")
+
+    def __init__(self) -> None:
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        """``(name, value)`` as sent; values without surrounding whitespace."""
+        self.complete = False  # the head is over
+        self.done = False  # the whole message is over
+        self.upgraded = False  # llhttp stopped after the head (Upgrade, CONNECT, 101)
+
+    # llhttp's callbacks
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value.rstrip(_OWS)))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # Fed past the end of this message: the offsets worked out here are wrong.
+            raise RuntimeError("llhttp saw a second message")
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+    # what the relay needs
+
+    def values(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key.lower() == name]
+
+    def tokens(self, name: bytes) -> list[bytes]:
+        """The comma-separated options of every ``name`` header, in lower case."""
+        return [
+            token.strip().lower() for value in self.values(name) for token in value.split(b",")
+        ]
+
+    def keeps_alive(self, version: str) -> bool:
+        """Whether the sender keeps the connection after this message (RFC 9112, 9.3):
+        HTTP/1.1 unless it says ``close``; HTTP/1.0 only if it says ``keep-alive``."""
+        tokens = self.tokens(b"connection")
+        if b"close" in tokens:
+            return False
+        return version == "1.1" or b"keep-alive" in tokens
+
+    def chunked(self) -> bool:
+        """Whether the last transfer coding is ``chunked``."""
+        codings = self.tokens(b"transfer-encoding")
+        return bool(codings) and codings[-1] == b"chunked"
+
+    def request_head(self, method: bytes) -> RequestHead:
+        return RequestHead(
+            method=method.decode("latin-1"),
+            target=self.target.decode("latin-1"),
+            headers=tuple(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in self.headers
+            ),
+        )
+
+
+class _Reader:
+    """Feeds one message to llhttp and finds where its head (and chunked body) end."""
+
+    __slots__ = ("fed", "head", "parser", "tail")
+
+    def __init__(self, *, response: bool) -> None:
+        self.head = Head()
+        if response:
+            self.parser: httptools.HttpRequestParser | httptools.HttpResponseParser = (
+                httptools.HttpResponseParser(self.head)
+            )
+            # Both lengths: RFC 9112 (6.3) reads it as chunked; the relay closes after.
+            self.parser.set_dangerous_leniencies(
+                lenient_chunked_length=True, lenient_spaces_after_chunk_size=True
+            )
+        else:
+            self.parser = httptools.HttpRequestParser(self.head)
+            # "A \r\n": common, and where the chunk ends is not in doubt.
+            self.parser.set_dangerous_leniencies(lenient_spaces_after_chunk_size=True)
+        self.fed = 0  # head bytes fed so far
+        self.tail = b""  # the last bytes fed, to find a CRLF CRLF split across reads
+
+    def feed_head(self, buf: bytearray, max_head: int) -> int | None:
+        """Feed the head bytes of ``buf`` (which starts with the message) not fed yet.
+
+        Returns the head's length once it is complete, else None (more is needed);
+        raises :class:`TooLong` past ``max_head`` and httptools' errors on bad heads.
+        """
+        start = self.fed
+        end = buf.find(_END, max(start - 3, 0))
+        stop = len(buf) if end < 0 else end + 4
+        if stop > max_head:
+            raise TooLong
+        if stop > start:
+            try:
+                self.parser.feed_data(bytes(buf[start:stop]))
+            except httptools.HttpParserUpgrade:
+                self.head.upgraded = True  # llhttp parses nothing after this head
+            self.fed = stop
+        if not self.head.complete:
+            if end >= 0:
+                raise httptools.HttpParserError("no end of head where one was expected")
+            return None
+        return stop
+
+    def feed_chunked(self, data: bytes) -> int | None:
+        """Feed chunked body bytes; returns how many end the body, or None (all fed).
+
+        A chunked body (its last chunk, trailers and final CRLF) always ends with CRLF
+        CRLF: pieces cut just after each one let llhttp say which one ends it.
+        """
+        pos = 0
+        size = len(data)
+        while pos < size:
+            stop = _end_after(self.tail, data, pos)
+            self.parser.feed_data(data[pos:stop] if pos or stop < size else data)
+            if stop - pos >= 3:
+                self.tail = data[stop - 3 : stop]
+            else:
+                self.tail = (self.tail + data[pos:stop])[-3:]
+            pos = stop
+            if self.head.done:
+                return pos
+        return None
+
+
+def _end_after(tail: bytes, data: bytes, pos: int) -> int:
+    """Where the piece of ``data`` from ``pos`` ends: just after its first CRLF CRLF
+    (which may begin in ``tail``, the bytes before ``pos``), or at the end."""
+    if pos == 0 and tail:
+        for have in (3, 2, 1):
+            if tail.endswith(_END[:have]) and data.startswith(_END[have:]):
+                return 4 - have
+    end = data.find(_END, pos)
+    return len(data) if end < 0 else end + 4
+
+
+class TooLong(Exception):
+    """A head longer than the limit."""
+
+
+def parse_request_head(data: bytes) -> tuple[bytes, str, Head] | None:
+    """The method, version and head of a complete request head alone, or None if invalid."""
+    reader = _Reader(response=False)
+    try:
+        if reader.feed_head(bytearray(data), len(data)) is None:
+            return None
+    except (httptools.HttpParserError, TooLong, RuntimeError):
+        return None
+    parser = reader.parser
+    assert isinstance(parser, httptools.HttpRequestParser)
+    return parser.get_method(), parser.get_http_version(), reader.head
+
+
 # --- the relay --------------------------------------------------------------------------
 
 
@@ -152,22 +321,40 @@ class _Phase(Enum):
 class _Exchange:
     """One request and its response, with the upstream attached for it."""
 
-    def __init__(self, target: str, request: h11.Request, max_head: int) -> None:
+    __slots__ = (
+        "body_started",
+        "expects_continue",
+        "final_head_sent",
+        "method",
+        "raw",
+        "reader",
+        "remaining",
+        "request_done",
+        "request_keep_alive",
+        "request_version",
+        "response_by_eof",
+        "response_done",
+        "response_keep_alive",
+        "target",
+        "upgrade_asked",
+        "upstream_dirty",
+        "upstream_gone",
+    )
+
+    def __init__(self, target: str, method: bytes, version: str, head: Head) -> None:
         self.target = target
-        self.method = request.method
+        self.method = method
         self.request_done = False
-        self.request_version = request.http_version
-        self.request_keep_alive = _keeps_alive(request)
-        self.expects_continue = any(
-            name == b"expect" and value.lower() == b"100-continue"
-            for name, value in request.headers
+        self.request_version = version
+        self.request_keep_alive = head.keeps_alive(version)
+        self.expects_continue = b"100-continue" in head.tokens(b"expect")
+        self.upgrade_asked = bool(head.values(b"upgrade")) and b"upgrade" in head.tokens(
+            b"connection"
         )
         self.body_started = False  # request bytes past the head went upstream
-        # A client-role h11 connection to parse the response: it is told the request
-        # (its method, Upgrade, Connection) and never sees the body, which it does not need.
-        self.parser = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
-        self.parser.send(_mirror(request))
         self.raw = bytearray()  # upstream bytes received and not yet sent to the client
+        self.reader: _Reader | None = _Reader(response=True)  # the response head or body
+        self.remaining: int | None = None  # of a response body with a length
         self.final_head_sent = False
         self.response_done = False
         self.response_keep_alive = True
@@ -175,23 +362,36 @@ class _Exchange:
         self.upstream_gone = False  # closed or failed after its complete response
         self.upstream_dirty = False  # sent bytes after its complete response
 
-    def on_response(self, response: h11.Response) -> None:
+    def on_response(self, head: Head, status: int, version: str) -> bool:
+        """Note the final response head; returns whether a body follows."""
         self.final_head_sent = True
         # An HTTP/1.0 client keeps the connection only if the response says keep-alive
         # too, whatever the response's version (RFC 9112, section 9.3).
-        self.response_keep_alive = _keeps_alive(response) and (
-            self.request_version == b"1.1" or b"keep-alive" in _connection_tokens(response)
+        self.response_keep_alive = head.keeps_alive(version) and (
+            self.request_version == "1.1" or b"keep-alive" in head.tokens(b"connection")
         )
-        status = response.status_code
         no_body = (
             status in (204, 304)
             or self.method == b"HEAD"
             or (self.method == b"CONNECT" and 200 <= status < 300)
         )
-        sized, chunked = _has(response, b"content-length"), _has(response, b"transfer-encoding")
-        self.response_by_eof = not no_body and not sized and not chunked
-        if sized and chunked:  # the client may read it otherwise than h11 did
+        if no_body:
+            return False
+        sized = bool(head.values(b"content-length"))
+        coded = bool(head.values(b"transfer-encoding"))
+        if sized and coded:  # the client may read it otherwise than llhttp does
             self.response_keep_alive = False
+        if coded:
+            # Chunked last: llhttp finds the end; any other coding: the close does.
+            self.response_by_eof = not head.chunked()
+        elif sized:
+            self.remaining = int(head.values(b"content-length")[0])
+            self.reader = None
+        else:
+            self.response_by_eof = True
+        if self.response_by_eof:
+            self.reader = None
+        return True
 
     def close_reason(self) -> str | None:
         """Why the client connection ends with this exchange, if it does."""
@@ -235,7 +435,9 @@ class Relay:
         self._phase = _Phase.HEAD
         self._actions: list[Action] = []
         self._raw = bytearray()  # client bytes received and not yet sent upstream
-        self._parser: h11.Connection | None = None  # parses the current request
+        self._reader: _Reader | None = None  # the current request's head, then chunked body
+        self._remaining: int | None = None  # of the current request's body with a length
+        self._in_body = False  # the current request's body is still coming
         self._exchange: _Exchange | None = None
         self._client_eof = False
         self._routed = False  # a request was routed on this connection
@@ -249,7 +451,7 @@ class Relay:
         """False while the held pipelined bytes are over the limit, or after the end."""
         if self._phase is _Phase.CLOSED or self._client_eof:
             return False
-        if self._phase is _Phase.EXCHANGE and self._parser is None:
+        if self._phase is _Phase.EXCHANGE and not self._in_body:
             return len(self._raw) < self._max_held
         return True
 
@@ -310,11 +512,10 @@ class Relay:
             self._emit(ToUpstream(bytes(data)))
             return
         self._raw += data
-        if self._parser is not None:
-            self._parser.receive_data(data)
-            self._pump_request()
+        if self._in_body:
+            self._pump_request_body()
         elif self._phase is _Phase.HEAD:
-            self._start_request()
+            self._pump_request_head()
         # else: held behind the current exchange
 
     def _on_client_eof(self) -> None:
@@ -340,103 +541,101 @@ class Relay:
                 )
             # else: the response comes, then the held requests, then the close
 
-    def _start_request(self) -> None:
-        """Begin parsing the next request from the held bytes."""
-        if self._routed:
-            # Empty lines between requests are tolerated (RFC 9112, section 2.2).
-            skip = len(self._raw) - len(self._raw.lstrip(_BLANK))
-            del self._raw[:skip]
-        if not self._raw:
-            if self._client_eof:
-                self._check_client_eof()
-            return
-        self._parser = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
-        self._parser.receive_data(bytes(self._raw))
-        self._pump_request()
-
-    def _pump_request(self) -> None:
-        parser = self._parser
-        while parser is not None and parser is self._parser:
-            try:
-                event = parser.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._request_error(exc)
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                self._flush_request()
+    def _pump_request_head(self) -> None:
+        """Parse the next request's head from the held bytes, as far as it came."""
+        if self._reader is None:
+            if self._routed:
+                # Empty lines between requests are tolerated (RFC 9112, section 2.2).
+                skip = len(self._raw) - len(self._raw.lstrip(_BLANK))
+                del self._raw[:skip]
+            if not self._raw:
                 if self._client_eof:
                     self._check_client_eof()
                 return
-            if isinstance(event, h11.Request):
-                self._on_request(event)
-            elif isinstance(event, h11.EndOfMessage):
-                self._on_request_end()
-            # Data: relayed as raw bytes by _flush_request
-
-    def _on_request(self, request: h11.Request) -> None:
-        parser = self._parser
-        if parser is not None and len(self._raw) - len(parser.trailing_data[0]) > self._max_head:
-            # h11 only notices a long head that came in several pieces.
+            self._reader = _Reader(response=False)
+        reader = self._reader
+        try:
+            length = reader.feed_head(self._raw, self._max_head)
+        except TooLong:
             self._pipe_original()
             return
-        if request.http_version not in _HTTP1:
-            self._bad_head(f"unsupported HTTP version {request.http_version.decode()!r}")
+        except (httptools.HttpParserError, RuntimeError):
+            self._pipe_original()  # the server judges it, as without netmirror
             return
-        if _has(request, b"transfer-encoding") and _has(request, b"content-length"):
-            # Framing that the upstream may read otherwise than h11 (request smuggling).
-            self._bad_head("malformed request: both Transfer-Encoding and Content-Length")
+        if length is None:
+            if self._client_eof:
+                self._check_client_eof()
             return
-        target = self._call_route(_request_head(request))
+        parser = reader.parser
+        assert isinstance(parser, httptools.HttpRequestParser)
+        head = reader.head
+        version = parser.get_http_version()
+        if version not in _HTTP1 or (version == "1.1" and not head.values(b"host")):
+            self._pipe_original()
+            return
+        method = parser.get_method()
+        target = self._call_route(head.request_head(method))
         self._routed = True
         self.requests[target] = self.requests.get(target, 0) + 1
-        self._exchange = _Exchange(target, request, self._max_head)
+        exchange = _Exchange(target, method, version, head)
+        self._exchange = exchange
         self._phase = _Phase.EXCHANGE
         self._emit(Connect(target))
-        self._flush_request()  # the head
-        self._exchange.body_started = False
+        self._emit(ToUpstream(bytes(self._raw[:length])))
+        del self._raw[:length]
+        if head.chunked():
+            self._in_body = True  # llhttp, fed the head, is ready for the chunks
+        elif head.values(b"content-length"):
+            self._remaining = int(head.values(b"content-length")[0])
+            self._reader = None
+            self._in_body = self._remaining > 0
+        else:
+            self._reader = None
+        if not self._in_body:
+            self._on_request_end()
+        elif self._raw:
+            self._pump_request_body()
+        elif self._client_eof:
+            self._check_client_eof()
+
+    def _pump_request_body(self) -> None:
+        exchange = self._exchange
+        if exchange is None or not self._raw:
+            return
+        if self._remaining is not None:
+            size = min(self._remaining, len(self._raw))
+            self._remaining -= size
+            ended = self._remaining == 0
+        else:
+            assert self._reader is not None
+            try:
+                end = self._reader.feed_chunked(bytes(self._raw))
+            except (httptools.HttpParserError, RuntimeError):
+                # The body goes upstream as it came: the upstream judges it, and what
+                # it answers (and anything after) is relayed as it is.
+                self._switch_protocol(exchange)
+                return
+            ended = end is not None
+            size = len(self._raw) if end is None else end
+        if size:
+            chunk = bytes(self._raw[:size])
+            del self._raw[:size]
+            exchange.body_started = True
+            if not exchange.upstream_gone:
+                self._emit(ToUpstream(chunk))
+        if ended:
+            self._on_request_end()
+        elif self._client_eof:
+            self._check_client_eof()
 
     def _on_request_end(self) -> None:
-        self._flush_request()
-        self._parser = None  # what follows in _raw is held until the exchange ends
+        self._in_body = False
+        self._reader = None
+        self._remaining = None  # what follows in _raw is held until the exchange ends
         exchange = self._exchange
         if exchange is not None:
             exchange.request_done = True
             self._maybe_finish(exchange)
-
-    def _flush_request(self) -> None:
-        """Send upstream the client bytes that h11 has consumed."""
-        parser = self._parser
-        if parser is None:
-            return
-        consumed = len(self._raw) - len(parser.trailing_data[0])
-        if consumed <= 0:
-            return
-        chunk = bytes(self._raw[:consumed])
-        del self._raw[:consumed]
-        exchange = self._exchange
-        if exchange is None:
-            return
-        exchange.body_started = True
-        if not exchange.upstream_gone:
-            self._emit(ToUpstream(chunk))
-
-    def _request_error(self, exc: h11.RemoteProtocolError) -> None:
-        exchange = self._exchange
-        if self._phase is _Phase.HEAD:
-            if exc.error_status_hint == 431:  # longer than max_head
-                self._pipe_original()
-            else:
-                self._bad_head(f"malformed request: {exc}")
-        elif exchange is not None:
-            # The body went upstream as it came: the upstream judges it, and what it
-            # answers (and anything after) is relayed as it is.
-            self._switch_protocol(exchange)
-
-    def _bad_head(self, reason: str) -> None:
-        """A request head that cannot be filtered: it and the rest of the connection go
-        to the original server, unfiltered; the server answers it as it would without
-        netmirror (the router never answers for it)."""
-        self._pipe_original()
 
     def _call_route(self, head: RequestHead) -> str:
         try:
@@ -460,7 +659,6 @@ class Relay:
             exchange.upstream_dirty = True  # nothing may follow a complete response
             return
         exchange.raw += data
-        exchange.parser.receive_data(data)
         self._pump_response(exchange)
 
     def _upstream_eof(self) -> None:
@@ -470,8 +668,12 @@ class Relay:
         if exchange.response_done:
             exchange.upstream_gone = True
             return
-        exchange.parser.receive_data(b"")
-        self._pump_response(exchange)
+        if exchange.response_by_eof:
+            self._response_end(exchange)
+        elif not exchange.final_head_sent and not exchange.raw:
+            self._upstream_broken(exchange, "the upstream closed the connection without answering")
+        else:
+            self._upstream_broken(exchange, "the upstream closed the connection within a response")
 
     def _upstream_failed(self, reason: str) -> None:
         exchange = self._exchange
@@ -483,45 +685,78 @@ class Relay:
         self._upstream_broken(exchange, f"upstream failed: {reason}")
 
     def _pump_response(self, exchange: _Exchange) -> None:
-        parser = exchange.parser
-        while exchange is self._exchange and not exchange.response_done:
+        while exchange is self._exchange and not exchange.response_done and exchange.raw:
+            if exchange.final_head_sent:
+                self._pump_response_body(exchange)
+                return
+            reader = exchange.reader
+            assert reader is not None
             try:
-                event = parser.next_event()
-            except h11.RemoteProtocolError as exc:
+                length = reader.feed_head(exchange.raw, self._max_head)
+            except TooLong:
+                self._upstream_broken(exchange, "response head too long")
+                return
+            except (httptools.HttpParserError, RuntimeError) as exc:
                 self._upstream_broken(exchange, f"malformed response: {exc}")
                 return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                self._flush_response(exchange)
+            if length is None:
                 return
-            if isinstance(event, h11.InformationalResponse):
-                self._flush_response(exchange)
-                if parser.their_state is h11.SWITCHED_PROTOCOL:  # 101 to an Upgrade
-                    self._switch_protocol(exchange)
+            parser = reader.parser
+            assert isinstance(parser, httptools.HttpResponseParser)
+            status = parser.get_status_code()
+            version = parser.get_http_version()
+            if status == 101:
+                if not exchange.upgrade_asked:
+                    self._upstream_broken(exchange, "101 to a request that asked no upgrade")
                     return
-            elif isinstance(event, h11.Response):
-                exchange.on_response(event)
-                self._flush_response(exchange)
-                if parser.their_state is h11.SWITCHED_PROTOCOL:  # 2xx to a CONNECT
-                    self._switch_protocol(exchange)
-                    return
-            elif isinstance(event, h11.EndOfMessage):
-                self._flush_response(exchange)
-                exchange.response_done = True
-                if parser.trailing_data[0]:
-                    exchange.upstream_dirty = True
-                    exchange.raw.clear()
-                self._maybe_finish(exchange)
+                self._switch_protocol(exchange)
                 return
-            # Data: relayed as raw bytes by _flush_response
+            if 100 <= status < 200:
+                self._to_client(exchange, length)
+                exchange.reader = _Reader(response=True)  # another head follows
+                continue
+            has_body = exchange.on_response(reader.head, status, version)
+            self._to_client(exchange, length)
+            if exchange.method == b"CONNECT" and 200 <= status < 300:
+                self._switch_protocol(exchange)
+                return
+            if not has_body or exchange.remaining == 0:
+                self._response_end(exchange)
+                return
 
-    def _flush_response(self, exchange: _Exchange) -> None:
-        """Send the client the upstream bytes that h11 has consumed."""
-        consumed = len(exchange.raw) - len(exchange.parser.trailing_data[0])
-        if consumed <= 0:
+    def _pump_response_body(self, exchange: _Exchange) -> None:
+        raw = exchange.raw
+        if exchange.response_by_eof:
+            self._to_client(exchange, len(raw))
             return
-        chunk = bytes(exchange.raw[:consumed])
-        del exchange.raw[:consumed]
-        self._emit(ToClient(chunk))
+        if exchange.remaining is not None:
+            size = min(exchange.remaining, len(raw))
+            exchange.remaining -= size
+            ended = exchange.remaining == 0
+        else:
+            assert exchange.reader is not None
+            try:
+                end = exchange.reader.feed_chunked(bytes(raw))
+            except (httptools.HttpParserError, RuntimeError) as exc:
+                self._upstream_broken(exchange, f"malformed response: {exc}")
+                return
+            ended = end is not None
+            size = len(raw) if end is None else end
+        self._to_client(exchange, size)
+        if ended:
+            self._response_end(exchange)
+
+    def _to_client(self, exchange: _Exchange, size: int) -> None:
+        if size:
+            self._emit(ToClient(bytes(exchange.raw[:size])))
+            del exchange.raw[:size]
+
+    def _response_end(self, exchange: _Exchange) -> None:
+        exchange.response_done = True
+        if exchange.raw:
+            exchange.upstream_dirty = True
+            exchange.raw.clear()
+        self._maybe_finish(exchange)
 
     def _upstream_broken(self, exchange: _Exchange, reason: str) -> None:
         if not exchange.final_head_sent:
@@ -531,14 +766,16 @@ class Relay:
             self._close(reason, reset=True)
 
     def _switch_protocol(self, exchange: _Exchange) -> None:
-        """The upstream accepted an Upgrade or a CONNECT: the rest is raw bytes."""
+        """The upstream accepted an Upgrade or a CONNECT, or the request's body is
+        malformed: the rest is raw bytes."""
         if exchange.raw:
             self._emit(ToClient(bytes(exchange.raw)))
             exchange.raw.clear()
         if self._raw:
             self._emit(ToUpstream(bytes(self._raw)))
             self._raw.clear()
-        self._parser = None
+        self._reader = None
+        self._in_body = False
         self._exchange = None
         self._phase = _Phase.PIPE
         self._emit(Pipe())
@@ -558,7 +795,7 @@ class Relay:
         self._emit(Release(not exchange.upstream_gone and not exchange.upstream_dirty))
         self._exchange = None
         self._phase = _Phase.HEAD
-        self._start_request()
+        self._pump_request_head()
 
     def _head_timeout(self) -> None:
         if self._phase is not _Phase.HEAD:
@@ -574,14 +811,15 @@ class Relay:
         if self._raw:
             self._emit(ToUpstream(bytes(self._raw)))
             self._raw.clear()
-        self._parser = None
+        self._reader = None
         self._phase = _Phase.PIPE
         self._emit(Pipe())
 
     def _close(self, reason: str, *, reset: bool) -> None:
         self._emit(Close(reason, reset))
         self._phase = _Phase.CLOSED
-        self._parser = None
+        self._reader = None
+        self._in_body = False
         self._exchange = None
         self._raw.clear()
 
@@ -594,60 +832,3 @@ class Relay:
             self._actions[-1] = ToClient(last.data + action.data)
         else:
             self._actions.append(action)
-
-
-# --- h11 helpers ---------------------------------------------------------------------------
-
-
-def _request_head(request: h11.Request) -> RequestHead:
-    return RequestHead(
-        method=request.method.decode("latin-1"),
-        target=request.target.decode("latin-1"),
-        headers=tuple(
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in request.headers.raw_items()
-        ),
-    )
-
-
-def _has(message: h11.Request | h11.Response, header: bytes) -> bool:
-    return any(name == header for name, _ in message.headers)
-
-
-def _connection_tokens(message: h11.Request | h11.Response) -> set[bytes]:
-    """The options of a message's Connection headers, in lower case."""
-    tokens: set[bytes] = set()
-    for name, value in message.headers:
-        if name == b"connection":
-            tokens.update(token.strip().lower() for token in value.split(b","))
-    return tokens
-
-
-def _keeps_alive(message: h11.Request | h11.Response) -> bool:
-    """Whether the sender of ``message`` keeps the connection after it (RFC 9112, 9.3):
-    HTTP/1.1 unless it says ``close``; HTTP/1.0 only if it says ``keep-alive``."""
-    tokens = _connection_tokens(message)
-    if b"close" in tokens:
-        return False
-    return message.http_version == b"1.1" or b"keep-alive" in tokens
-
-
-def _mirror(request: h11.Request) -> h11.Request:
-    """What the response parser needs to know of ``request``.
-
-    Its method (HEAD, CONNECT), Upgrade and Connection; the version is always 1.1 and
-    a Host is always there, because h11 only sends such requests.
-    """
-    host = b""
-    kept: list[tuple[bytes, bytes]] = []
-    for name, value in request.headers:
-        if name == b"host":
-            host = value
-        elif name in (b"connection", b"upgrade"):
-            kept.append((name, value))
-    return h11.Request(
-        method=request.method,
-        target=request.target,
-        headers=[(b"host", host), *kept],
-        http_version=b"1.1",
-    )

@@ -37,8 +37,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import cast
 
-import h11
-
 from netmirror.errors import NetmirrorError
 from netmirror.net.sockets import (
     abort_with_reset,
@@ -57,6 +55,7 @@ from netmirror.router.http1 import (
     Release,
     ToClient,
     ToUpstream,
+    parse_request_head,
 )
 from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
 from netmirror.wire.httpfilter import HttpFilter, RequestHead
@@ -845,20 +844,17 @@ def _h2c_upgrade(head: bytes) -> http2.H2cUpgrade | None:
     """The h2c upgrade a complete, bodiless first request head asks for, if any."""
     if b"h2c" not in head.lower():
         return None
-    parser = h11.Connection(h11.SERVER)
-    try:
-        parser.receive_data(head)
-        event = parser.next_event()
-    except h11.RemoteProtocolError:
+    parsed = parse_request_head(head)
+    if parsed is None:
         return None
-    if not isinstance(event, h11.Request) or event.http_version != b"1.1":
+    method, version, request = parsed
+    if version != "1.1" or not request.values(b"host"):
         return None
-    fields = {name.lower(): value for name, value in event.headers}
-    if fields.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in fields:
+    if request.values(b"content-length") not in ([], [b"0"]) or request.values(
+        b"transfer-encoding"
+    ):
         return None  # a body: the request goes as HTTP/1.1, and the connection follows it
-    return http2.H2cUpgrade.from_http1(
-        event.method, event.target, list(event.headers.raw_items()), b""
-    )
+    return http2.H2cUpgrade.from_http1(method, request.target, request.headers, b"")
 
 
 async def connect_upstream(router: Router, dst: tuple[str, int], up: Upstream) -> None:

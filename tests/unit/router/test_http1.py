@@ -191,12 +191,28 @@ def test_route_sees_the_head_as_sent() -> None:
         return "alice"
 
     conn = Conn(route)
-    conn.send(b"pOST /api/v2/x?y=1 HTTP/1.1\r\nHOST: svc\r\nx-Dev:  feature-42 \r\n\r\n")
+    conn.send(b"POST /api/v2/x?y=1 HTTP/1.1\r\nHOST: svc\r\nx-Dev:  feature-42 \r\n\r\n")
     assert heads == [
-        RequestHead("pOST", "/api/v2/x?y=1", (("HOST", "svc"), ("x-Dev", "feature-42")))
+        RequestHead("POST", "/api/v2/x?y=1", (("HOST", "svc"), ("x-Dev", "feature-42")))
     ]
     assert conn.targets == ["alice"]
     assert conn.relay.requests == {"alice": 1}
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"pOST / HTTP/1.1\r\nHost: svc\r\n\r\n",  # methods are case-sensitive
+        b"BREW /pot HTTP/1.1\r\nHost: svc\r\n\r\n",  # a method llhttp does not know
+        b"GET / HTTP/1.1\nHost: svc\n\n",  # bare LF line ends
+        b"GET / HTTP/1.1\r\nHost: svc\r\nX-Long: a\r\n  b\r\n\r\n",  # obs-fold
+    ],
+)
+def test_heads_llhttp_rejects_go_to_the_original_server_at_once(head: bytes) -> None:
+    conn = Conn()
+    actions = conn.send(head + b"rest")
+    assert actions == [Connect(ORIGINAL), ToUpstream(head + b"rest"), Pipe()]
+    assert conn.relay.requests == {}
 
 
 def test_keep_alive_requests_go_to_different_targets() -> None:
@@ -664,7 +680,7 @@ def test_a_malformed_request_body_during_the_response_pipes_the_rest() -> None:
 
 
 def test_request_with_both_content_length_and_chunked_is_never_filtered() -> None:
-    # Smuggling: the upstream might frame it by Content-Length where h11 reads chunks.
+    # Smuggling: the upstream might frame it by Content-Length where llhttp reads chunks.
     smuggler = req(
         "POST",
         "/",
@@ -795,10 +811,14 @@ def test_non_http_first_bytes_are_piped_to_the_original_server() -> None:
     assert conn.relay.requests == {}
 
 
-def test_text_that_h11_rejects_is_piped_once_its_head_is_complete() -> None:
+def test_text_that_is_not_http_is_piped_as_soon_as_llhttp_rejects_it() -> None:
     conn = Conn()
-    assert conn.send(b"HELLO there\r\n") == []
-    assert conn.send(b"\r\n") == [Connect(ORIGINAL), ToUpstream(b"HELLO there\r\n\r\n"), Pipe()]
+    assert conn.send(b"HE") == []  # could be HEAD
+    assert conn.send(b"LLO there\r\n") == [
+        Connect(ORIGINAL),
+        ToUpstream(b"HELLO there\r\n"),
+        Pipe(),
+    ]
 
 
 def test_http2_prior_knowledge_is_piped_to_the_original_server() -> None:
@@ -815,7 +835,7 @@ def test_http2_prior_knowledge_is_piped_to_the_original_server() -> None:
 
 
 def test_missing_host_on_the_first_request_is_piped_unfiltered() -> None:
-    request = b"GET / HTTP/1.1\r\nX-To: alice\r\n\r\n"  # h11 insists on Host
+    request = b"GET / HTTP/1.1\r\nX-To: alice\r\n\r\n"  # HTTP/1.1 requires Host
     conn = Conn()
     assert conn.send(request) == [Connect(ORIGINAL), ToUpstream(request), Pipe()]
 
@@ -872,8 +892,8 @@ def test_client_eof_when_idle_closes() -> None:
 
 def test_client_eof_within_the_first_head_pipes_what_came() -> None:
     conn = Conn()
-    conn.send(b"STATUS\n")
-    assert conn.client_eof() == [Connect(ORIGINAL), ToUpstream(b"STATUS\n"), Pipe()]
+    conn.send(b"GET /sta")
+    assert conn.client_eof() == [Connect(ORIGINAL), ToUpstream(b"GET /sta"), Pipe()]
 
 
 def test_client_eof_within_a_later_head_closes() -> None:
