@@ -61,6 +61,7 @@ Decisions:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -83,6 +84,10 @@ _HTTP1 = ("1.0", "1.1")
 _BLANK = b"\r\n"
 _END = b"\r\n\r\n"
 _OWS = b" \t"
+#: The headers the relay reads itself, found in a lower-cased head.
+_WATCHED = re.compile(
+    rb"\r\n(connection|content-length|expect|host|transfer-encoding|upgrade):([^\r]*)"
+)
 
 
 # --- actions ----------------------------------------------------------------------------
@@ -149,25 +154,27 @@ Action: TypeAlias = Connect | ToUpstream | ToClient | Release | Pipe | Close
 
 
 class Head:
-    """One message head as llhttp parsed it; also the parser's callback object."""
+    """One message head, once llhttp has validated it; also the parser's callback object.
 
-    __slots__ = ("complete", "done", "headers", "target", "upgraded")
+    llhttp only checks the head and says where the message ends: its fields are read
+    from the head's bytes here, as they are needed (a Python callback per header from
+    llhttp costs more than reading the few that matter). Reading them this simply is
+    exact because llhttp is strict: lines end with CRLF, there is no obs-fold, and no
+    whitespace before a header's colon.
+    """
+
+    __slots__ = ("_connection", "_fields", "complete", "done", "raw", "upgraded")
 
     def __init__(self) -> None:
-        self.target = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        """``(name, value)`` as sent; values without surrounding whitespace."""
+        self.raw = b""
+        """The whole head, up to and including its empty line (once complete)."""
         self.complete = False  # the head is over
         self.done = False  # the whole message is over
         self.upgraded = False  # llhttp stopped after the head (Upgrade, CONNECT, 101)
+        self._fields: dict[bytes, list[bytes]] | None = None
+        self._connection: list[bytes] | None = None
 
     # llhttp's callbacks
-
-    def on_url(self, url: bytes) -> None:
-        self.target += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value.rstrip(_OWS)))
 
     def on_headers_complete(self) -> None:
         self.complete = True
@@ -182,8 +189,32 @@ class Head:
 
     # what the relay needs
 
+    @property
+    def target(self) -> bytes:
+        """A request's target, as sent."""
+        return self.raw[: self.raw.find(_BLANK)].split(b" ")[1]
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``(name, value)`` as sent, in order; values without surrounding whitespace."""
+        fields = []
+        for line in self.raw.split(_BLANK)[1:-2]:
+            name, _, value = line.partition(b":")
+            fields.append((name, value.strip(_OWS)))
+        return fields
+
     def values(self, name: bytes) -> list[bytes]:
-        return [value for key, value in self.headers if key.lower() == name]
+        """The values of header ``name`` (one of :data:`_WATCHED`, in lower case), in order."""
+        fields = self._fields
+        if fields is None:
+            # One scan in C of the lower-cased head; the values come from the head as sent.
+            fields = self._fields = {}
+            raw = self.raw
+            for match in _WATCHED.finditer(raw.lower()):
+                fields.setdefault(match[1], []).append(
+                    raw[match.end(1) + 1 : match.end()].strip(_OWS)
+                )
+        return fields.get(name, [])
 
     def tokens(self, name: bytes) -> list[bytes]:
         """The comma-separated options of every ``name`` header, in lower case."""
@@ -191,16 +222,25 @@ class Head:
             token.strip().lower() for value in self.values(name) for token in value.split(b",")
         ]
 
+    @property
+    def connection(self) -> list[bytes]:
+        """The options of the ``Connection`` headers, in lower case."""
+        if self._connection is None:
+            self._connection = self.tokens(b"connection") if self.values(b"connection") else []
+        return self._connection
+
     def keeps_alive(self, version: str) -> bool:
         """Whether the sender keeps the connection after this message (RFC 9112, 9.3):
         HTTP/1.1 unless it says ``close``; HTTP/1.0 only if it says ``keep-alive``."""
-        tokens = self.tokens(b"connection")
+        tokens = self.connection
         if b"close" in tokens:
             return False
         return version == "1.1" or b"keep-alive" in tokens
 
     def chunked(self) -> bool:
         """Whether the last transfer coding is ``chunked``."""
+        if not self.values(b"transfer-encoding"):
+            return False
         codings = self.tokens(b"transfer-encoding")
         return bool(codings) and codings[-1] == b"chunked"
 
@@ -257,6 +297,7 @@ class _Reader:
             if end >= 0:
                 raise httptools.HttpParserError("no end of head where one was expected")
             return None
+        self.head.raw = bytes(buf[:stop])
         return stop
 
     def feed_chunked(self, data: bytes) -> int | None:
@@ -347,10 +388,10 @@ class _Exchange:
         self.request_done = False
         self.request_version = version
         self.request_keep_alive = head.keeps_alive(version)
-        self.expects_continue = b"100-continue" in head.tokens(b"expect")
-        self.upgrade_asked = bool(head.values(b"upgrade")) and b"upgrade" in head.tokens(
-            b"connection"
+        self.expects_continue = bool(head.values(b"expect")) and b"100-continue" in head.tokens(
+            b"expect"
         )
+        self.upgrade_asked = bool(head.values(b"upgrade")) and b"upgrade" in head.connection
         self.body_started = False  # request bytes past the head went upstream
         self.raw = bytearray()  # upstream bytes received and not yet sent to the client
         self.reader: _Reader | None = _Reader(response=True)  # the response head or body
@@ -368,7 +409,7 @@ class _Exchange:
         # An HTTP/1.0 client keeps the connection only if the response says keep-alive
         # too, whatever the response's version (RFC 9112, section 9.3).
         self.response_keep_alive = head.keeps_alive(version) and (
-            self.request_version == "1.1" or b"keep-alive" in head.tokens(b"connection")
+            self.request_version == "1.1" or b"keep-alive" in head.connection
         )
         no_body = (
             status in (204, 304)
@@ -474,7 +515,10 @@ class Relay:
 
     def client_data(self, data: bytes) -> None:
         """Bytes from the client (after :class:`Pipe`, passed straight through)."""
-        self._guard(self._client_data, data)
+        try:  # _guard, inlined on the two paths every request takes
+            self._client_data(data)
+        except Exception as exc:
+            self._internal_error(exc)
 
     def client_eof(self) -> None:
         """The client closed its side."""
@@ -482,7 +526,10 @@ class Relay:
 
     def upstream_data(self, data: bytes) -> None:
         """Bytes from the upstream currently attached (after :class:`Pipe`, passed through)."""
-        self._guard(self._upstream_data, data)
+        try:
+            self._upstream_data(data)
+        except Exception as exc:
+            self._internal_error(exc)
 
     def upstream_eof(self) -> None:
         """The upstream currently attached closed its side."""
@@ -500,8 +547,11 @@ class Relay:
         try:
             method(*args)
         except Exception as exc:
-            if self._phase is not _Phase.CLOSED:
-                self._close(f"internal error: {exc!r}", reset=True)
+            self._internal_error(exc)
+
+    def _internal_error(self, exc: Exception) -> None:
+        if self._phase is not _Phase.CLOSED:
+            self._close(f"internal error: {exc!r}", reset=True)
 
     # --- client side ------------------------------------------------------------------
 
@@ -581,7 +631,7 @@ class Relay:
         self._exchange = exchange
         self._phase = _Phase.EXCHANGE
         self._emit(Connect(target))
-        self._emit(ToUpstream(bytes(self._raw[:length])))
+        self._emit(ToUpstream(head.raw))
         del self._raw[:length]
         if head.chunked():
             self._in_body = True  # llhttp, fed the head, is ready for the chunks

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 HEAD_TIMEOUT = 5.0
 #: Seconds a keep-alive client connection may stay idle between requests.
 IDLE_TIMEOUT = 300.0
+#: Seconds between two looks for idle connections (one sweep, rather than a timer
+#: set and cancelled on every request).
+IDLE_SWEEP = 5.0
 #: Seconds connections already relayed may go on once the router stops taking new ones.
 DRAIN_TIMEOUT = 30.0
 #: Seconds a probe's answer (does the original server speak HTTP/2?) is trusted.
@@ -225,6 +228,16 @@ class Router:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     reg.writer.write(json.dumps(line).encode() + b"\n")
 
+    async def _sweep(self) -> None:
+        """Close the client connections idle between requests for over IDLE_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(IDLE_SWEEP)
+            now = loop.time()
+            for client in list(self.clients):
+                if client.idle_since is not None and now - client.idle_since > IDLE_TIMEOUT:
+                    client.expire()
+
     # --- life ---------------------------------------------------------------------------
 
     async def run(self, registry: socket.socket) -> int:
@@ -242,6 +255,7 @@ class Router:
         try:
             await asyncio.to_thread(self._firewall.apply, self._firewall.plan(redirects))
             reporter = self.tasks.spawn(self._report(), name="report")
+            sweeper = self.tasks.spawn(self._sweep(), name="sweep")
             print("ready", flush=True)
             empty_since: float | None = time.monotonic()
             while not stop.is_set():
@@ -255,6 +269,7 @@ class Router:
                 elif time.monotonic() - empty_since > ROUTER_LINGER:
                     break
             reporter.cancel()
+            sweeper.cancel()
         finally:
             # The rule first: new connections reach the original server directly. Then
             # the name and the registry go, so a new router may start at once.
@@ -341,12 +356,12 @@ class Upstream(asyncio.Protocol):
                 self.owner.upstream_ended(self, exc)
 
     def pause_writing(self) -> None:
-        if self.owner is not None and self.owner.transport is not None:
-            self.owner.transport.pause_reading()
+        if self.owner is not None:
+            self.owner.upstream_full(True)
 
     def resume_writing(self) -> None:
-        if self.owner is not None and self.owner.transport is not None:
-            self.owner.transport.resume_reading()
+        if self.owner is not None:
+            self.owner.upstream_full(False)
 
     def close(self) -> None:
         self.owner = None
@@ -379,7 +394,12 @@ class ClientConnection(asyncio.Protocol):
         self.h2: H2Handler | None = None
         # The first bytes, until they show whether this is HTTP/2 with prior knowledge.
         self._first: bytes | None = b""
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # for the first request head
+        self.idle_since: float | None = None
+        """The loop's time since when the connection waits between requests."""
+        self._reading = True  # whether the client's transport is being read
+        self._upstream_full = False  # the attached upstream's write buffer is full
+        self._upgrading = False  # waiting to know whether the server speaks HTTP/2
         self._connecting: asyncio.Task[None] | None = None
 
     # client side
@@ -411,7 +431,8 @@ class ClientConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.transport.pause_reading()
+        self._upgrading = True
+        self._update_reading()
         self.router.tasks.spawn(self._upgrade(upgrade, seen, head_end), name="h2c-upgrade")
 
     async def _upgrade(self, upgrade: http2.H2cUpgrade, seen: bytes, head_end: int) -> None:
@@ -433,8 +454,8 @@ class ClientConnection(asyncio.Protocol):
             self.h2 = H2Handler(self, upgrade=upgrade)
             if seen[head_end:]:
                 self.h2.client_data(seen[head_end:])
-        if not self.done:
-            self.transport.resume_reading()
+        self._upgrading = False
+        self._update_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.h2 is not None:
@@ -566,6 +587,8 @@ class ClientConnection(asyncio.Protocol):
         for target, kept in list(self.kept.items()):
             if kept is up:
                 del self.kept[target]
+        if up is self.upstream:
+            self._upstream_full = False  # what it held is gone
         if up is not self.upstream or self.done:
             return
         if self.piping:
@@ -623,14 +646,38 @@ class ClientConnection(asyncio.Protocol):
                 self._upstream_eof_if_piping()
             elif isinstance(action, Close):
                 self._close(action.reset)
-        if self.transport is not None and not self.done:
-            if self.relay.want_client_data:
+        self._update_reading()
+
+    def upstream_full(self, full: bool) -> None:
+        """The upstream's write buffer filled up (or drained): stop (or go on) reading."""
+        self._upstream_full = full
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read the client only while the relay wants its bytes and the upstream takes them."""
+        if self.transport is None or self.done:
+            return
+        want = not self._upstream_full and not self._upgrading
+        if want and self.h2 is None and not self.piping:
+            want = self.relay.want_client_data
+        if want != self._reading:
+            self._reading = want
+            if want:
                 self.transport.resume_reading()
             else:
                 self.transport.pause_reading()
 
+    def expire(self) -> None:
+        """Idle for too long between requests: the connection is closed."""
+        if self.h2 is not None:
+            self.h2.expire()
+        else:
+            self.relay.head_timeout()
+            self._act()
+
     def _attach(self, target: str) -> None:
-        if self._timer is not None:  # an exchange runs: no idle timeout
+        self.idle_since = None  # an exchange runs
+        if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self.answered = False
@@ -657,6 +704,7 @@ class ClientConnection(asyncio.Protocol):
     def _use(self, up: Upstream) -> None:
         up.owner = self
         self.upstream = up
+        self._upstream_full = False  # a new upstream: it says so if it fills up
         for chunk in self.pending:
             up.write(chunk)
         self.pending.clear()
@@ -682,12 +730,10 @@ class ClientConnection(asyncio.Protocol):
     def _release(self, reusable: bool) -> None:
         up = self.upstream
         self.upstream = None
-        if self._timer is not None:
-            self._timer.cancel()
+        self._upstream_full = False
         if not self.done:
             # Back to waiting for a request: a keep-alive connection idle for long goes.
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(IDLE_TIMEOUT, self._head_timeout)
+            self.idle_since = asyncio.get_running_loop().time()
         if up is None:
             return
         if up.transport is not None:
@@ -730,6 +776,9 @@ class H2Handler:
     def transport(self) -> asyncio.Transport | None:
         return self.conn.transport
 
+    def upstream_full(self, full: bool) -> None:
+        self.conn.upstream_full(full)
+
     def client_data(self, data: bytes) -> None:
         self.relay.client_data(data)
         self._act()
@@ -747,6 +796,7 @@ class H2Handler:
         if self.ups.get(up.target) is not up:
             return  # replaced or closed on purpose: the relay must not hear of it
         del self.ups[up.target]
+        self.conn._upstream_full = False  # what it held is gone
         self.pending.pop(up.target, None)
         if exc is not None:
             self.relay.upstream_failed(up.target, str(exc))
@@ -787,18 +837,19 @@ class H2Handler:
         self._watch_idle()
 
     def _watch_idle(self) -> None:
-        """No stream for IDLE_TIMEOUT seconds: the connection is closed."""
+        """No stream for IDLE_TIMEOUT seconds: the connection is closed (by the sweep)."""
         conn = self.conn
         if conn.done:
             return
         if conn._timer is not None:
             conn._timer.cancel()
             conn._timer = None
-        if self.relay.streams == 0:
-            loop = asyncio.get_running_loop()
-            conn._timer = loop.call_later(IDLE_TIMEOUT, self._idle)
+        if self.relay.streams:
+            conn.idle_since = None
+        elif conn.idle_since is None:
+            conn.idle_since = asyncio.get_running_loop().time()
 
-    def _idle(self) -> None:
+    def expire(self) -> None:
         if self.relay.streams == 0 and not self.conn.done:
             self.close_upstreams()
             self.conn._close(False)
