@@ -26,6 +26,7 @@ from netmirror.agent.agent import FEATURES, Agent
 from netmirror.agent.options import AgentOptions
 from netmirror.errors import ConfigError, NetmirrorError
 from netmirror.netfilter import Guard, IptablesNat, clear_stale, detect_backend, session_alive
+from netmirror.netfilter.mesh import find_mesh
 from netmirror.tasks import keep_heap_mapped, raise_fd_limit
 from netmirror.wire.connection import token_sha256
 
@@ -116,7 +117,13 @@ def run(options: AgentOptions) -> int:
         if netns is not None:
             enter_namespace(netns)
         backend = detect_backend()
-        firewall = IptablesNat(options.session, backend=backend)
+        mesh = find_mesh()
+        if mesh is not None:
+            log.info("found %s", mesh.describe())
+        # Behind a known mesh's sidecar: steal the plaintext hop it makes to the app.
+        firewall = IptablesNat(
+            options.session, backend=backend, behind_mesh=mesh is not None and mesh.known
+        )
         firewall.teardown()  # leftovers of an earlier agent of this session
         guard = Guard.start(options.session, backend)
         cleared = clear_stale(backend, alive=session_alive)
@@ -128,6 +135,7 @@ def run(options: AgentOptions) -> int:
             pid=os.getpid(),
             version=__version__,
             features=list(FEATURES),
+            mesh=mesh.to_json() if mesh is not None else None,
         )
     except NetmirrorError as exc:
         log.error("%s", exc)

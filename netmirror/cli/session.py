@@ -223,6 +223,9 @@ def start_daemon(
                             text = str(message["progress"])
                             if not tty:
                                 sys.stderr.write(f"... {text}\n")
+                        elif "warning" in message:
+                            clear = "\r\x1b[K" if tty else ""
+                            sys.stderr.write(f"{clear}warning: {message['warning']}\n")
                         elif "error" in message or "ready" in message:
                             outcome = message
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ from netmirror.daemon.pcap import PcapSink, PcapWriter
 from netmirror.daemon.targets import AgentHandle, AgentSettings, resolve_target
 from netmirror.errors import AgentError, NetmirrorError, ProtocolError
 from netmirror.net.sockets import tune_tunnel_socket
+from netmirror.netfilter.mesh import Mesh
 from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
 from netmirror.tunnel import WS_MAX_MESSAGE, StreamBridge, Tunnel
 from netmirror.wire import Connection, Limits, Role
@@ -78,6 +79,11 @@ class Progress:
     def step(self, text: str) -> None:
         log.info("%s", text)
         self.send(progress=text)
+
+    def warn(self, text: str) -> None:
+        """A line the user is shown whatever the terminal, as ``warning: ...``."""
+        log.warning("%s", text)
+        self.send(warning=text)
 
     def close(self) -> None:
         if self._file is not None:
@@ -448,6 +454,7 @@ class Daemon:
                 ),
                 backend=self.agent.info.get("backend"),
                 addresses=list(self.agent.info.get("addresses", [])),
+                mesh=_mesh_line(self.agent.info.get("mesh")),
             )
         ports = []
         for port in self.config.ports:
@@ -603,8 +610,26 @@ class Daemon:
         self.progress.step("connecting to the agent")
         tunnel = await self._connect()
         task = await self._run_tunnel(tunnel)
+        self._announce_mesh()
         await self._subscribe_all(tunnel)
         return task
+
+    def _announce_mesh(self) -> None:
+        """Say which mesh the agent found, and where netmirror hooked because of it."""
+        mesh = Mesh.from_json(self.agent.info.get("mesh")) if self.agent is not None else None
+        if mesh is None or not any(port.mode != "off" for port in self.config.ports):
+            return
+        if mesh.known:
+            self.progress.step(
+                f"found {mesh.describe()}: stealing behind it, on the plaintext connection"
+                " its proxy makes to the application"
+            )
+        else:
+            self.progress.warn(
+                f"the target's nat table has {mesh.describe()}: a proxy netmirror does not"
+                " know may change what the application receives; what netmirror steals or"
+                " mirrors is what arrives before it"
+            )
 
     async def _serve(self, tunnel_task: asyncio.Task[str]) -> None:
         stop = self.tasks.spawn(self._stop.wait(), name="stop")
@@ -704,3 +729,13 @@ def run(session: str, *, ready_fd: int | None, debug: bool = False) -> int:
     finally:
         log.info("session ended")
         sdir.remove()
+
+
+def _mesh_line(data: object) -> str | None:
+    """The mesh an agent reported, and where netmirror hooked, for ``status``."""
+    mesh = Mesh.from_json(data)
+    if mesh is None:
+        return None
+    if mesh.known:
+        return f"{mesh.describe()}; stolen on the proxy's connection to the application (lo)"
+    return f"{mesh.describe()}; netmirror hooks in front of it"

@@ -442,9 +442,18 @@ class IptablesNat:
     """The nat REDIRECT rules of one session in the current network namespace."""
 
     def __init__(
-        self, session: str, *, backend: Backend, families: Sequence[int] = _FAMILIES
+        self,
+        session: str,
+        *,
+        backend: Backend,
+        families: Sequence[int] = _FAMILIES,
+        behind_mesh: bool = False,
     ) -> None:
+        """``behind_mesh``: a sidecar mesh redirects incoming connections here (see
+        :mod:`netmirror.netfilter.mesh`): the PREROUTING hook goes after the mesh's
+        rules, and only the OUTPUT hook (first) sees the proxy's plaintext connections."""
         self._session = session
+        self._behind_mesh = behind_mesh
         self._chain = chain_name(session)
         self._backend = backend
         for family in families:
@@ -588,7 +597,13 @@ class IptablesNat:
             check = _run([tool, *_LOCK_WAIT, "-t", "nat", "-C", *spec])
             if check.returncode == 0:
                 continue
-            insert = _run([tool, *_LOCK_WAIT, "-t", "nat", "-I", hook_chain, "1", *spec[1:]])
+            if self._behind_mesh and hook_chain == "PREROUTING":
+                # After the mesh's own jump: what it redirects to its proxy comes back
+                # over lo (the OUTPUT hook); what it lets through comes here.
+                where: tuple[str, ...] = ("-A", hook_chain)
+            else:
+                where = ("-I", hook_chain, "1")
+            insert = _run([tool, *_LOCK_WAIT, "-t", "nat", *where, *spec[1:]])
             if insert.returncode != 0:
                 raise _failure(
                     f"{self._backend.iptables(family)} could not hook {self._chain}"

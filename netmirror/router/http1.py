@@ -218,9 +218,7 @@ class Head:
 
     def tokens(self, name: bytes) -> list[bytes]:
         """The comma-separated options of every ``name`` header, in lower case."""
-        return [
-            token.strip().lower() for value in self.values(name) for token in value.split(b",")
-        ]
+        return [token.strip().lower() for value in self.values(name) for token in value.split(b",")]
 
     @property
     def connection(self) -> list[bytes]:

@@ -45,6 +45,7 @@ from netmirror.net.sockets import (
     original_destination,
 )
 from netmirror.netfilter import AGENT_MARK, Backend, Guard, IptablesNat, Redirect, router_session
+from netmirror.netfilter.mesh import find_mesh
 from netmirror.router import http2
 from netmirror.router.http1 import (
     ORIGINAL,
@@ -114,7 +115,11 @@ class Router:
         self._h2c: dict[tuple[str, int], tuple[float, bool]] = {}
         self.clients: set[ClientConnection] = set()
         self._changed = asyncio.Event()
-        self._firewall = IptablesNat(router_session(port), backend=backend)
+        mesh = find_mesh()
+        # Behind a known mesh's sidecar, as the agents' own steals are.
+        self._firewall = IptablesNat(
+            router_session(port), backend=backend, behind_mesh=mesh is not None and mesh.known
+        )
         self.tasks = TaskSet(f"router-{port}")
 
     # --- routing ---------------------------------------------------------------------

@@ -160,6 +160,8 @@ class AgentStatus:
     pid: int | None = None
     backend: str | None = None
     addresses: list[str] = field(default_factory=list)
+    mesh: str | None = None
+    """The service mesh found in the target's namespace, and where netmirror hooked."""
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""Meshed pods: the nat rules of Istio's sidecar mode and a stand-in sidecar proxy.
+
+The pod's namespace gets the rules istio-iptables installs; a small TLS-terminating
+proxy (tests/support/mesh_proxy.py) runs as uid 1337 on 15006 and connects to the
+application from 127.0.0.6, as Envoy does. Clients speak TLS, as a peer sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import REPO, Env, free_port, wait_ready
+from tests.support.meshes import ISTIO, UNKNOWN
+
+pytestmark = pytest.mark.integration
+
+APP_PORT = 8080
+
+
+def mesh(env: Env, rules: str) -> None:
+    restore = env.sandbox.run("iptables-restore", "--noflush", input=rules)
+    assert restore.returncode == 0, restore.stderr
+
+
+def sidecar(env: Env, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=pod", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    argv = [sys.executable, "-m", "tests.support.mesh_proxy", "--port", "15006"]
+    argv += ["--uid", "1337", "--cert", str(cert), "--key", str(key)]
+    proc = subprocess.Popen(
+        env.sandbox.cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO
+    )
+    env.procs.append(proc)
+    wait_ready(proc, "the stand-in sidecar")
+
+
+def curl_tls(env: Env) -> str:
+    out = subprocess.run(
+        ["curl", "-sSk", "-m", "5", f"https://{env.sandbox.pod_ip}:{APP_PORT}/"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout or out.stderr
+
+
+def test_istio_sidecar_steal_gets_the_plaintext_behind_the_proxy(env: Env, tmp_path: Path) -> None:
+    env.server("http", APP_PORT, in_pod=True, text="pod\n")
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    mesh(env, ISTIO)
+    sidecar(env, tmp_path)
+    assert curl_tls(env) == "pod\n"  # through the sidecar, as the mesh serves it
+
+    up = env.up("--steal", f"{APP_PORT}:{local}")
+    assert "found Istio sidecar (inbound to 15006, outbound to 15001, proxy uid 1337)" in up.stderr
+    # TLS from the client, terminated by the sidecar; the local server got plaintext HTTP
+    # (it is a plain HTTP server) and its answer went back through the sidecar.
+    for _ in range(3):
+        assert curl_tls(env) == "local\n"
+    st = json.loads(env.netmirror("status", "--json", check=True).stdout)["sessions"][0]
+    assert st["agent"]["mesh"].startswith("Istio sidecar")
+    assert st["ports"][0]["connections_total"] == 3
+    text = env.netmirror("status", check=True).stdout
+    assert "mesh: Istio sidecar" in text and "proxy's connection to the application" in text
+    # netmirror's PREROUTING hook comes after the mesh's, its OUTPUT hook before.
+    prerouting = env.sandbox.run("iptables", "-t", "nat", "-S", "PREROUTING").stdout
+    assert prerouting.index("ISTIO_INBOUND") < prerouting.index("NETMIRROR-t1")
+    output = env.sandbox.run("iptables", "-t", "nat", "-S", "OUTPUT").stdout
+    assert output.index("NETMIRROR-t1") < output.index("ISTIO_OUTPUT")
+
+    env.netmirror("down", "--session", "t1", check=True)
+    assert curl_tls(env) == "pod\n"
+
+
+def test_an_unknown_redirect_gives_a_warning(env: Env) -> None:
+    env.server("http", APP_PORT, in_pod=True, text="pod\n")
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    mesh(env, UNKNOWN)
+    up = env.up("--steal", f"{APP_PORT}:{local}")
+    warnings = [line for line in up.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: the target's nat table has unknown redirect rules (SOMEPROXY: REDIRECT"
+        " to port 9999): a proxy netmirror does not know may change what the application"
+        " receives; what netmirror steals or mirrors is what arrives before it"
+    ]
+    st = json.loads(env.netmirror("status", "--json", check=True).stdout)["sessions"][0]
+    assert st["agent"]["mesh"].startswith("unknown redirect rules")
+
+
+def test_istio_sidecar_http_filter_routes_on_the_plaintext(env: Env, tmp_path: Path) -> None:
+    env.server("http", APP_PORT, in_pod=True, text="pod\n")
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    mesh(env, ISTIO)
+    sidecar(env, tmp_path)
+    env.up("--steal", f"{APP_PORT}:{local}", "--http-header", "^x-dev: me$")
+
+    def get(*headers: str) -> str:
+        argv = ["curl", "-sSk", "-m", "5", f"https://{env.sandbox.pod_ip}:{APP_PORT}/"]
+        for header in headers:
+            argv += ["-H", header]
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        return out.stdout or out.stderr
+
+    # The router sees the sidecar's plaintext requests: it can read their headers.
+    assert get("x-dev: me") == "local\n"
+    assert get() == "pod\n"
+    assert get("x-dev: someone-else") == "pod\n"
+    prerouting = env.sandbox.run("iptables", "-t", "nat", "-S", "PREROUTING").stdout
+    assert prerouting.index("ISTIO_INBOUND") < prerouting.index("NETMIRROR-http-")
