@@ -35,6 +35,7 @@ from netmirror.agent.target_process import find_target_pid, read_environment, re
 from netmirror.errors import AgentError, NetmirrorError, PortInUseError, ProtocolError
 from netmirror.net.sockets import listen_any_port, tune_tunnel_socket
 from netmirror.netfilter import Backend, IptablesNat, list_sessions, router_session, session_alive
+from netmirror.netfilter.mesh import Mesh
 from netmirror.tasks import TaskSet
 from netmirror.tunnel import WS_MAX_MESSAGE, Tunnel
 from netmirror.wire import Connection, Limits, Role
@@ -335,7 +336,11 @@ class Agent:
 
     def _capture_mirror(self) -> CaptureMirror:
         if self.capture is None:
-            self.capture = CaptureMirror(self.link)
+            mesh = Mesh.from_json(self.info.get("mesh"))
+            # Behind a known mesh's sidecar the application's traffic is the proxy's
+            # plaintext connection over lo; the pod's interface carries ciphertext.
+            interface = "lo" if mesh is not None and mesh.known else None
+            self.capture = CaptureMirror(self.link, interface=interface)
         return self.capture
 
     @staticmethod

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import REPO, Env, free_port, wait_ready
-from tests.support.meshes import ISTIO, UNKNOWN
+from tests.support.meshes import ISTIO, LINKERD, UNKNOWN
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,9 @@ def mesh(env: Env, rules: str) -> None:
     assert restore.returncode == 0, restore.stderr
 
 
-def sidecar(env: Env, tmp_path: Path) -> None:
+def sidecar(
+    env: Env, tmp_path: Path, *, port: int = 15006, uid: int = 1337, source: str = "127.0.0.6"
+) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
@@ -37,8 +39,8 @@ def sidecar(env: Env, tmp_path: Path) -> None:
         check=True,
         capture_output=True,
     )
-    argv = [sys.executable, "-m", "tests.support.mesh_proxy", "--port", "15006"]
-    argv += ["--uid", "1337", "--cert", str(cert), "--key", str(key)]
+    argv = [sys.executable, "-m", "tests.support.mesh_proxy", "--port", str(port)]
+    argv += ["--uid", str(uid), "--cert", str(cert), "--key", str(key), "--source", source]
     proc = subprocess.Popen(
         env.sandbox.cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO
     )
@@ -56,30 +58,46 @@ def curl_tls(env: Env) -> str:
     return out.stdout or out.stderr
 
 
-def test_istio_sidecar_steal_gets_the_plaintext_behind_the_proxy(env: Env, tmp_path: Path) -> None:
+MESHES = {
+    # rules, the proxy's port and uid, the source of its connections to the application,
+    # how up and status name it, the prefix of its chains
+    "istio": (ISTIO, 15006, 1337, "127.0.0.6", "Istio sidecar", "ISTIO"),
+    "linkerd": (LINKERD, 4143, 2102, "0.0.0.0", "Linkerd proxy", "PROXY_INIT"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MESHES))
+def test_sidecar_steal_gets_the_plaintext_behind_the_proxy(
+    env: Env, tmp_path: Path, kind: str
+) -> None:
+    rules, port, uid, source, label, chains = MESHES[kind]
     env.server("http", APP_PORT, in_pod=True, text="pod\n")
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
-    mesh(env, ISTIO)
-    sidecar(env, tmp_path)
+    mesh(env, rules)
+    sidecar(env, tmp_path, port=port, uid=uid, source=source)
     assert curl_tls(env) == "pod\n"  # through the sidecar, as the mesh serves it
 
     up = env.up("--steal", f"{APP_PORT}:{local}")
-    assert "found Istio sidecar (inbound to 15006, outbound to 15001, proxy uid 1337)" in up.stderr
+    found = {
+        "istio": "Istio sidecar (inbound to 15006, outbound to 15001, proxy uid 1337)",
+        "linkerd": "Linkerd proxy (inbound to 4143, outbound to 4140, proxy uid 2102)",
+    }[kind]
+    assert f"found {found}" in up.stderr
     # TLS from the client, terminated by the sidecar; the local server got plaintext HTTP
     # (it is a plain HTTP server) and its answer went back through the sidecar.
     for _ in range(3):
         assert curl_tls(env) == "local\n"
     st = json.loads(env.netmirror("status", "--json", check=True).stdout)["sessions"][0]
-    assert st["agent"]["mesh"].startswith("Istio sidecar")
+    assert st["agent"]["mesh"].startswith(label)
     assert st["ports"][0]["connections_total"] == 3
     text = env.netmirror("status", check=True).stdout
-    assert "mesh: Istio sidecar" in text and "proxy's connection to the application" in text
+    assert f"mesh: {label}" in text and "proxy's connection to the application" in text
     # netmirror's PREROUTING hook comes after the mesh's, its OUTPUT hook before.
     prerouting = env.sandbox.run("iptables", "-t", "nat", "-S", "PREROUTING").stdout
-    assert prerouting.index("ISTIO_INBOUND") < prerouting.index("NETMIRROR-t1")
+    assert prerouting.index(chains) < prerouting.index("NETMIRROR-t1")
     output = env.sandbox.run("iptables", "-t", "nat", "-S", "OUTPUT").stdout
-    assert output.index("NETMIRROR-t1") < output.index("ISTIO_OUTPUT")
+    assert output.index("NETMIRROR-t1") < output.index(chains)
 
     env.netmirror("down", "--session", "t1", check=True)
     assert curl_tls(env) == "pod\n"
@@ -122,3 +140,36 @@ def test_istio_sidecar_http_filter_routes_on_the_plaintext(env: Env, tmp_path: P
     assert get("x-dev: someone-else") == "pod\n"
     prerouting = env.sandbox.run("iptables", "-t", "nat", "-S", "PREROUTING").stdout
     assert prerouting.index("ISTIO_INBOUND") < prerouting.index("NETMIRROR-http-")
+
+
+@pytest.mark.parametrize("method", ["capture", "passthrough"])
+def test_istio_sidecar_mirror_copies_the_plaintext(env: Env, tmp_path: Path, method: str) -> None:
+    import hashlib
+    import socket
+    import ssl
+
+    from tests.integration.test_mirror import read_sink
+
+    env.server("http", APP_PORT, in_pod=True, text="pod\n")
+    local = free_port()
+    sink = tmp_path / "sink.log"
+    env.server("sink", local, in_pod=False, log=str(sink))
+    mesh(env, ISTIO)
+    sidecar(env, tmp_path)
+    env.up("--mirror", f"{APP_PORT}:{local}", "--mirror-method", method)
+    request = b"GET /copied HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n"
+    tls = ssl.create_default_context()
+    tls.check_hostname = False
+    tls.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((env.sandbox.pod_ip, APP_PORT), timeout=5) as raw:
+        with tls.wrap_socket(raw) as conn:
+            conn.sendall(request)
+            answer = b""
+            while not answer.endswith(b"pod\n") and (chunk := conn.recv(65536)):
+                answer += chunk
+    assert answer.endswith(b"pod\n")  # the pod answered, through its sidecar
+    # One copy, of the plaintext: not the sidecars' TLS bytes beside it.
+    ((digest, size, _ended),) = read_sink(sink, 1)
+    assert (digest, size) == (hashlib.sha256(request).hexdigest(), len(request))
+    st = json.loads(env.netmirror("status", "--json", check=True).stdout)["sessions"][0]
+    assert st["ports"][0]["connections_total"] == 1

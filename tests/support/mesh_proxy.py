@@ -32,6 +32,8 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
+        else:
+            writer.close()  # TLS has no half-close: the end of the answer ends it
     except (ConnectionError, OSError):
         writer.close()
 

@@ -47,8 +47,12 @@ class Sniffer:
         *,
         on_packet: Callable[[memoryview, int], None] | None = None,
         rcvbuf: int = 64 * 1024 * 1024,
+        interface: str | None = None,
     ) -> None:
+        """``interface``: capture on this one only (``lo`` behind a mesh's sidecar),
+        else on all of the namespace's."""
         self.on_segment = on_segment
+        self.interface = interface
         self.on_packet = on_packet
         self.rcvbuf = rcvbuf
         self.packets = 0
@@ -77,6 +81,8 @@ class Sniffer:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
             try:
                 bpf.attach(sock, bpf.REJECT_ALL)
+                if self.interface is not None:
+                    sock.bind((self.interface, ETH_P_ALL))
                 sock.setblocking(False)
                 with contextlib.suppress(BlockingIOError):
                     while True:
@@ -91,7 +97,11 @@ class Sniffer:
                 raise
             self._sock = sock
             asyncio.get_running_loop().add_reader(sock.fileno(), self._drain)
-            log.info("capturing ports %s", ", ".join(map(str, sorted(wanted))))
+            log.info(
+                "capturing ports %s%s",
+                ", ".join(map(str, sorted(wanted))),
+                f" on {self.interface}" if self.interface else "",
+            )
         else:
             bpf.attach(self._sock, code)
         self._ports = wanted

@@ -33,10 +33,12 @@ log = logging.getLogger(__name__)
 class CaptureMirror:
     """The capture method for every port mirrored by capture in this agent."""
 
-    def __init__(self, link: Link) -> None:
+    def __init__(self, link: Link, *, interface: str | None = None) -> None:
+        """``interface``: where to capture (``lo`` behind a mesh's sidecar: the
+        plaintext hop to the application, never the sidecars' ciphertext)."""
         self.link = link
         self.reassembler = Reassembler()
-        self.sniffer = Sniffer(self._on_segment)
+        self.sniffer = Sniffer(self._on_segment, interface=interface)
         self.subs: dict[int, Subscription] = {}
         self.counters: dict[int, MirrorCounters] = {}
         self.copies: dict[FlowKey, MirrorCopy | None] = {}
