@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import REPO, Env, free_port, wait_ready
+from tests.integration.test_exec import Private, private  # noqa: F401 - a fixture
 from tests.support.meshes import ISTIO, LINKERD, UNKNOWN
 
 pytestmark = pytest.mark.integration
@@ -28,8 +29,15 @@ def mesh(env: Env, rules: str) -> None:
 
 
 def sidecar(
-    env: Env, tmp_path: Path, *, port: int = 15006, uid: int = 1337, source: str = "127.0.0.6"
-) -> None:
+    env: Env,
+    tmp_path: Path,
+    *,
+    port: int = 15006,
+    uid: int = 1337,
+    source: str = "127.0.0.6",
+    outbound: int | None = None,
+) -> Path:
+    """Start the stand-in proxy; returns the file where it notes outbound destinations."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
@@ -41,11 +49,15 @@ def sidecar(
     )
     argv = [sys.executable, "-m", "tests.support.mesh_proxy", "--port", str(port)]
     argv += ["--uid", str(uid), "--cert", str(cert), "--key", str(key), "--source", source]
+    log = tmp_path / "outbound.log"
+    if outbound is not None:
+        argv += ["--outbound", str(outbound), "--log", str(log)]
     proc = subprocess.Popen(
         env.sandbox.cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=REPO
     )
     env.procs.append(proc)
     wait_ready(proc, "the stand-in sidecar")
+    return log
 
 
 def curl_tls(env: Env) -> str:
@@ -173,3 +185,30 @@ def test_istio_sidecar_mirror_copies_the_plaintext(env: Env, tmp_path: Path, met
     assert (digest, size) == (hashlib.sha256(request).hexdigest(), len(request))
     st = json.loads(env.netmirror("status", "--json", check=True).stdout)["sessions"][0]
     assert st["ports"][0]["connections_total"] == 1
+
+
+def test_exec_outgoing_goes_through_the_meshs_outbound_port(
+    env: Env,
+    tmp_path: Path,
+    private: Private,  # noqa: F811 - the fixture imported above
+) -> None:
+    mesh(env, ISTIO)
+    log = sidecar(env, tmp_path, outbound=15001)
+    res = env.netmirror(
+        "exec",
+        "--target",
+        env.sandbox.target,
+        "--session",
+        "t1",
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        f"http://{private.db_ip}:{private.http_port}/",
+        timeout=90,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "orders from the db\n"
+    # The agent's connection left as the application's would: through the mesh's proxy.
+    assert log.read_text().splitlines() == [f"{private.db_ip}:{private.http_port}"]

@@ -45,7 +45,10 @@ async def main() -> None:
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--source", default="127.0.0.6")
+    parser.add_argument("--outbound", type=int, help="the mesh's outbound port (plaintext)")
+    parser.add_argument("--log", help="where the outbound listener notes each destination")
     args = parser.parse_args()
+    log = open(args.log, "a", buffering=1) if args.log else None  # noqa: ASYNC230 - before serving
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(args.cert, args.key)
 
@@ -58,7 +61,19 @@ async def main() -> None:
         writer.close()
         up_writer.close()
 
+    async def outbound(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # What the pod sends out, redirected here by the mesh: on to where it was going.
+        host, port = original_destination(writer.get_extra_info("socket"))
+        if log is not None:
+            log.write(f"{host}:{port}\n")
+        up_reader, up_writer = await asyncio.open_connection(host, port)
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        writer.close()
+        up_writer.close()
+
     server = await asyncio.start_server(serve, "0.0.0.0", args.port, ssl=tls)
+    if args.outbound:
+        await asyncio.start_server(outbound, "0.0.0.0", args.outbound)
     os.setgroups([])
     os.setgid(args.uid)
     os.setuid(args.uid)
