@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -300,8 +301,11 @@ class Agent:
                     self._answer(tunnel, req.request_id, req.port, ok=same, error=error)
                     return
                 http_filter = req.options.get("http_filter")
+                keep_from = _addresses(req.options.get("keep_from"))
                 if req.mode == "steal" and http_filter is not None:
-                    sub = await self._share(req.port, http_filter)
+                    sub = await self._share(
+                        req.port, http_filter, keep_probes=bool(req.options.get("keep_probes"))
+                    )
                     self.subs[req.port] = sub
                 elif method == "capture":
                     sub = Subscription(req.port, req.mode, method)
@@ -315,6 +319,8 @@ class Agent:
                 else:
                     await asyncio.to_thread(self._check_port_free, req.port)
                     sub = await self._listen(req.port, req.mode, method)
+                    if req.mode == "steal":
+                        sub.keep_from = keep_from
                     self.subs[req.port] = sub
                     try:
                         await self._apply_rules()
@@ -382,7 +388,7 @@ class Agent:
         if conflict is not None:
             raise PortInUseError(conflict.reason)
 
-    async def _share(self, port: int, filter_json: Any) -> Subscription:
+    async def _share(self, port: int, filter_json: Any, *, keep_probes: bool) -> Subscription:
         """Steal the requests of ``port`` that match a filter, through the port's router."""
         from netmirror.agent.share import HttpShare
         from netmirror.wire.httpfilter import HttpFilter
@@ -400,6 +406,7 @@ class Agent:
             backend=self.backend,
             factory=functools.partial(InboundBridge, self.link, sub, ("0.0.0.0", port)),
             in_container=self.options.in_container,
+            keep_probes=keep_probes,
         )
         try:
             await share.start()
@@ -515,3 +522,15 @@ class Agent:
             if kind == "unix":
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(where)  # leave no socket file behind
+
+
+def _addresses(value: object) -> tuple[str, ...]:
+    """The source addresses a subscription keeps with the target; AgentError if bad."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > 16:
+        raise AgentError("keep_from must be a list of at most 16 addresses")
+    try:
+        return tuple(str(ipaddress.ip_address(str(item))) for item in value)
+    except ValueError as exc:
+        raise AgentError(f"keep_from: {exc}") from None

@@ -53,8 +53,11 @@ class HttpShare:
         backend: Backend,
         factory: Callable[[], asyncio.Protocol],
         in_container: bool = False,
+        keep_probes: bool = False,
     ) -> None:
         self.port = port
+        self.keep_probes = keep_probes
+        """The kubelet's probes (User-Agent kube-probe/) stay with the target."""
         self.in_container = in_container
         """A router this agent starts ends with the agent's container."""
         self.session = session
@@ -194,6 +197,7 @@ class HttpShare:
             "session": self.session,
             "filter": self.filter_json,
             "socket": session_address(self.port, self.session),
+            "keep_probes": self.keep_probes,
         }
         writer.write(json.dumps(request).encode() + b"\n")
         await writer.drain()

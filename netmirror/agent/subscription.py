@@ -27,10 +27,20 @@ class Subscription:
     counters: MirrorCounters = field(default_factory=MirrorCounters)
     http: HttpShare | None = None
     """For a steal of only the HTTP requests that match a filter."""
+    keep_from: tuple[str, ...] = ()
+    """Source addresses whose connections stay with the target (the kubelet's probes)."""
 
     def redirects(self) -> list[Redirect]:
         """The REDIRECT rules this subscription needs (none for capture or HTTP)."""
-        return [Redirect(self.port, to_port, family) for family, to_port in self.to_ports.items()]
+        return [
+            Redirect(
+                self.port,
+                to_port,
+                family,
+                tuple(a for a in self.keep_from if (":" in a) == (family == 6)),
+            )
+            for family, to_port in self.to_ports.items()
+        ]
 
     async def close(self) -> None:
         """Stop listening and leave the HTTP router of the port, if registered."""

@@ -72,6 +72,7 @@ def _config(args: argparse.Namespace, **more: Any) -> Config:
             files_ro=tuple(args.files_ro or ()),
             files_rw=tuple(args.files_rw or ()),
             files_local=tuple(args.files_local or ()),
+            steal_probes=args.steal_probes,
             **more,
         ),
     )

@@ -59,6 +59,13 @@ def _session_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--timeout", type=float, help="seconds to wait until ready")
     parser.add_argument(
+        "--steal-probes",
+        action="store_true",
+        default=None,
+        help="Kubernetes: steal the kubelet's health probes of stolen ports too "
+        "(default: they stay with the target)",
+    )
+    parser.add_argument(
         "--files",
         choices=["on", "off"],
         help="the target's files: its root at $NETMIRROR_ROOT, its volumes at their paths "

@@ -54,6 +54,8 @@ def status_lines(st: SessionStatus) -> list[str]:
             f"  {p.remote:>6}  {p.mode:<7} {p.local:<22} {p.state:<8} {conns:>11}"
             f" {format_bytes(p.bytes_in):>10} {format_bytes(p.bytes_out):>10} {p.errors:>6}"
         )
+        if p.probes:
+            lines.append(f"          probes {p.probes}")
         if p.http is not None:
             lines.append(
                 f"          HTTP filter {p.http.filter}: {p.http.matched} requests matched, "

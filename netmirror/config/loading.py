@@ -224,6 +224,8 @@ class Overrides:
     """Paths appended to ``files.read_write``."""
     files_local: Sequence[str] = ()
     """Paths appended to ``files.local``."""
+    steal_probes: bool | None = None
+    """``--steal-probes``: sets ``steal_probes``."""
     """Networks appended to ``outgoing.exclude``."""
 
 
@@ -344,6 +346,8 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
     add_items(("files", "read_only"), flags.files_ro, replace=False)
     add_items(("files", "read_write"), flags.files_rw, replace=False)
     add_items(("files", "local"), flags.files_local, replace=False)
+    if flags.steal_probes is not None:
+        put(("steal_probes",), flags.steal_probes, "--steal-probes")
 
     def locate(loc: tuple[int | str, ...]) -> tuple[str | None, tuple[int | str, ...]]:
         # The most specific recorded origin wins; a variable or flag sets exactly

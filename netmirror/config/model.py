@@ -563,6 +563,12 @@ class Config(BaseModel):
         default_factory=FilesConfig,
         description="The target's files: its root, its volumes and the paths named here.",
     )
+    steal_probes: bool = Field(
+        default=False,
+        description="Kubernetes: steal the kubelet's health probes of stolen ports too "
+        "(by default they stay with the target's own server, so a slow or stopped local "
+        "process does not get the pod restarted or taken out of its Service).",
+    )
 
     @field_validator("target")
     @classmethod

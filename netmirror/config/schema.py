@@ -156,5 +156,8 @@ def dump_example() -> str:
         "    - /app/config/dev-overrides.yaml",
         *_comment(FilesConfig, "timeout", "  "),
         f"  timeout: {_scalar(files.timeout)}",
+        "",
+        *_comment(Config, "steal_probes", ""),
+        "steal_probes: false",
     ]
     return "\n".join(lines) + "\n"

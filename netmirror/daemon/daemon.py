@@ -131,6 +131,7 @@ class Daemon:
         self._session: aiohttp.ClientSession | None = None
         self.agent_report = AgentReport()
         self._agent_stopping = False
+        self._probes_said: set[int] = set()  # ports whose probes the user was told of
         self.pcap: PcapWriter | None = None
         self.target: Target | None = None
         self.files: FilesMount | None = None
@@ -408,6 +409,7 @@ class Daemon:
                 options = {"method": port.mirror.method, "pcap": self.pcap is not None}
             elif port.http_filter is not None:
                 options = {"http_filter": port.http_filter}
+            options.update(self._probe_options(remote, port))
             request_id = tunnel.conn.subscribe(remote, port.mode, options)
             future: asyncio.Future[ev.SubscriptionAnswered] = loop.create_future()
             self._answers[request_id] = future
@@ -466,6 +468,7 @@ class Daemon:
                 mode=port.mode,
                 local=f"{port.local_host}:{port.local_port}",
                 state=self.port_state.get(port.remote, "off"),
+                probes=self._probes_line(port.remote, port),
             )
             if port.http_filter is not None:
                 from netmirror.wire.httpfilter import describe_filter
@@ -613,6 +616,44 @@ class Daemon:
         self._announce_mesh()
         await self._subscribe_all(tunnel)
         return task
+
+    def _probe_options(self, remote: int, port: PortConfig) -> dict[str, Any]:
+        """How a stolen port's health probes stay with the target (say so once)."""
+        target = self.target
+        probes = (target.probes or {}).get(remote) if target is not None else None
+        if port.mode != "steal" or not probes or self.config.steal_probes:
+            return {}
+        if port.http_filter is not None:
+            return {"keep_probes": True}  # the router tells them by their User-Agent
+        sources = (target.probe_sources if target is not None else None) or []
+        if not sources:
+            return {}
+        if remote not in self._probes_said:
+            self._probes_said.add(remote)
+            self.progress.warn(
+                f"port {remote}: the kubelet's probes ({', '.join(probes)}) stay with the"
+                f" target, so every connection from the node's address"
+                f" ({', '.join(sources)}) does, NodePort and host-network clients' too;"
+                " --steal-probes steals them, a filtered steal (--http-header) tells probes"
+                " apart by their User-Agent"
+            )
+        return {"keep_from": sources}
+
+    def _probes_line(self, remote: int, port: PortConfig) -> str | None:
+        target = self.target
+        probes = (target.probes or {}).get(remote) if target is not None else None
+        if not probes:
+            return None
+        if port.mode != "steal":
+            where = "the target (not stolen)"
+        elif self.config.steal_probes:
+            where = "the local process (--steal-probes)"
+        elif port.http_filter is not None:
+            where = "the target (told apart by their User-Agent)"
+        else:
+            sources = ", ".join((target.probe_sources if target is not None else None) or [])
+            where = f"the target (connections from {sources or 'the node'})"
+        return f"{'; '.join(probes)}: go to {where}"
 
     def _announce_mesh(self) -> None:
         """Say which mesh the agent found, and where netmirror hooked because of it."""

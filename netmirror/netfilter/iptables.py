@@ -19,6 +19,7 @@ the target's namespace before it uses this module.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import shlex
 import shutil
@@ -122,6 +123,8 @@ class Redirect:
     port: int
     to_port: int
     family: int  # 4 or 6
+    keep_from: tuple[str, ...] = ()
+    """Source addresses whose connections are not redirected (the kubelet's probes)."""
 
     def __post_init__(self) -> None:
         for name in ("port", "to_port"):
@@ -130,6 +133,9 @@ class Redirect:
             if type(value) is not int or not 1 <= value <= 65535:
                 raise ValueError(f"{name} must be an integer in 1..65535, not {value!r}")
         _check_family(self.family)
+        for address in self.keep_from:
+            if ipaddress.ip_address(address).version != self.family:  # ValueError if bad
+                raise ValueError(f"{address} is not an IPv{self.family} address")
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,12 @@ def render_chain(session: str, redirects: Iterable[Redirect]) -> str:
         f"-A {chain} -m mark --mark {AGENT_MARK:#x} -j RETURN",
     ]
     for r in redirects:
+        for address in r.keep_from:
+            lines.append(
+                f"-A {chain} -s {address} -p tcp -m tcp --dport {r.port}"
+                f' -m comment --comment "netmirror session={session} port={r.port} kept"'
+                " -j RETURN"
+            )
         lines.append(
             f"-A {chain} -p tcp -m tcp --dport {r.port}"
             f' -m comment --comment "netmirror session={session} port={r.port}"'

@@ -93,6 +93,8 @@ class Registration:
     address: str
     writer: asyncio.StreamWriter
     matched: int = 0
+    keep_probes: bool = False
+    """The kubelet's probes (User-Agent ``kube-probe/``) stay with the target."""
 
 
 @dataclass
@@ -115,17 +117,19 @@ class Router:
         self._h2c: dict[tuple[str, int], tuple[float, bool]] = {}
         self.clients: set[ClientConnection] = set()
         self._changed = asyncio.Event()
-        mesh = find_mesh()
-        # Behind a known mesh's sidecar, as the agents' own steals are.
-        self._firewall = IptablesNat(
-            router_session(port), backend=backend, behind_mesh=mesh is not None and mesh.known
-        )
+        self._firewall = IptablesNat(router_session(port), backend=backend)
         self.tasks = TaskSet(f"router-{port}")
 
     # --- routing ---------------------------------------------------------------------
 
     def route(self, head: RequestHead) -> str:
+        probe: bool | None = None
         for reg in self.registrations.values():
+            if reg.keep_probes:
+                if probe is None:
+                    probe = is_probe(head)
+                if probe:
+                    continue
             if reg.filter.matches(head):
                 reg.matched += 1
                 return reg.session
@@ -191,7 +195,9 @@ class Router:
                     + b"\n"
                 )
                 return
-            self.registrations[session] = Registration(session, filt, address, writer)
+            self.registrations[session] = Registration(
+                session, filt, address, writer, keep_probes=request.get("keep_probes") is True
+            )
             order = list(self.registrations).index(session) + 1
             log.info(
                 "session %s filters port %d (%s), place %d",
@@ -256,6 +262,12 @@ class Router:
         for family, server, to_port in await listen_any_port(lambda: ClientConnection(self)):
             servers.append(server)
             redirects.append(Redirect(self.port, to_port, family))
+        mesh = await asyncio.to_thread(find_mesh)
+        if mesh is not None and mesh.known:
+            # Behind the mesh's sidecar, as the agents' own steals are.
+            self._firewall = IptablesNat(
+                router_session(self.port), backend=self.backend, behind_mesh=True
+            )
         guard = await asyncio.to_thread(Guard.start, router_session(self.port), self.backend)
         try:
             await asyncio.to_thread(self._firewall.apply, self._firewall.plan(redirects))
@@ -877,6 +889,14 @@ class H2Handler:
             up.closed = True
             self.upstream_ended(up, exc)
             return
+
+
+def is_probe(head: RequestHead) -> bool:
+    """Whether a request is one of the kubelet's HTTP probes (``User-Agent: kube-probe/``)."""
+    return any(
+        name.lower() == "user-agent" and value.startswith("kube-probe/")
+        for name, value in head.headers
+    )
 
 
 def _same_user(writer: asyncio.StreamWriter) -> bool:

@@ -183,6 +183,8 @@ class PortStatus(PortStats):
     """How a mirrored port is copied (capture or passthrough)."""
     mirror: MirrorCounters | None = None
     http: HttpStatus | None = None
+    probes: str | None = None
+    """The kubelet's probes of this port, and where their connections go."""
 
 
 @dataclass

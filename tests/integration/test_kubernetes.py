@@ -113,7 +113,12 @@ class FakeCluster:
         image: str,
         *,
         token_secret: bytes | None = None,
+        probes: bool = False,
     ) -> None:
+        self.probes = probes
+        """The pod's container has an httpGet readiness and a tcpSocket liveness probe on
+        the stolen port, and its node's address is :attr:`node_ip`."""
+        self.node_ip = f"198.18.{sandbox.index}.7"
         self.token_secret = token_secret
         """With a secret, every request needs an unexpired token of token_plugin.py."""
         self.rejected = 0
@@ -360,6 +365,9 @@ class FakeCluster:
                 for i, path in enumerate(VOLUMES)
             ],
         }
+        if self.probes:
+            container["readinessProbe"] = {"httpGet": {"port": "http", "path": "/ready"}}
+            container["livenessProbe"] = {"tcpSocket": {"port": POD_PORT}}
         deployment = {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -379,6 +387,7 @@ class FakeCluster:
             "status": {
                 "phase": "Running",
                 "podIP": self.sandbox.pod_ip,
+                "hostIP": self.node_ip,
                 "conditions": [{"type": "Ready", "status": "True"}],
                 "containerStatuses": [
                     {
@@ -457,6 +466,29 @@ def _make_netns(name: str) -> None:
 
 def _delete_netns(name: str) -> None:
     subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+async def probed_cluster(
+    env: Env, tmp_path: Path, agent_podman: tuple[Podman, str]
+) -> AsyncIterator[tuple[FakeCluster, dict[str, str]]]:
+    """A cluster whose pod has probes on the stolen port; its node's address is on this
+    host's side of the pod's link, for the test to play the kubelet from."""
+    kenv = env.env | {"NETMIRROR_AGENT_IMAGE": IMAGE}
+    podman, image = agent_podman
+    async with FakeCluster(
+        env.sandbox, kenv, tmp_path / "kubelet.log", podman, image, probes=True
+    ) as fake:
+        await asyncio.to_thread(
+            subprocess.run,
+            ["ip", "addr", "add", f"{fake.node_ip}/24", "dev", env.sandbox.host_if],
+            check=True,
+            capture_output=True,
+        )
+        kubeconfig = write_kubeconfig(
+            tmp_path / "kubeconfig", fake.url, {"token": "dev-token"}, namespace=NS
+        )
+        yield fake, kenv | {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture
@@ -919,4 +951,62 @@ async def test_a_session_outlives_its_tokens_across_a_tunnel_cut(
     assert code == 0, err
     (agent,) = fake.agents
     await asyncio.to_thread(agent.wait, 10)
+    assert env.chains() == ""
+
+
+async def probe(url: str, *, source: str | None = None, kubelet: bool = False) -> str:
+    """What a client (or the kubelet, from the node's address) gets from ``url``."""
+    argv = ["curl", "-sS", "-m", "5", url]
+    if source is not None:
+        argv += ["--interface", source]
+    if kubelet:
+        argv += ["-A", "kube-probe/1.29"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    return out.decode() or err.decode()
+
+
+async def test_the_kubelets_probes_stay_with_the_target(
+    env: Env, probed_cluster: tuple[FakeCluster, dict[str, str]]
+) -> None:
+    fake, kenv = probed_cluster
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/ready"
+
+    # A whole-port steal: the kubelet's connections (from the node) go to the pod.
+    code, _, err = await steal_web(kenv, local, "probes")
+    assert code == 0, err
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert f"port {POD_PORT}: the kubelet's probes" in warning
+    assert fake.node_ip in warning and "--steal-probes" in warning
+    assert await probe(url, source=fake.node_ip, kubelet=True) == "pod\n"
+    assert await probe(url) == "local\n"
+    code, out, _ = await run(kenv, "status", "--json")
+    (port,) = json.loads(out)["sessions"][0]["ports"]
+    assert port["probes"] == (
+        "liveness tcpSocket; readiness httpGet /ready: go to the target"
+        f" (connections from {fake.node_ip})"
+    )
+    code, _, err = await run(kenv, "down", "--session", "probes")
+    assert code == 0, err
+
+    # --steal-probes: they are stolen like the rest.
+    code, _, err = await steal_web(kenv, local, "probes", "--steal-probes")
+    assert code == 0, err
+    assert "warning:" not in err
+    assert await probe(url, source=fake.node_ip, kubelet=True) == "local\n"
+    code, _, err = await run(kenv, "down", "--session", "probes")
+    assert code == 0, err
+
+    # A filtered steal that matches everything: probes are told apart by their
+    # User-Agent, wherever they come from.
+    code, _, err = await steal_web(kenv, local, "probes", "--http-path", "^/")
+    assert code == 0, err
+    assert await probe(url, kubelet=True) == "pod\n"
+    assert await probe(url, source=fake.node_ip) == "local\n"
+    code, _, err = await run(kenv, "down", "--session", "probes")
+    assert code == 0, err
     assert env.chains() == ""

@@ -74,6 +74,11 @@ class Target(abc.ABC):
     #: (Kubernetes: the container's volumeMounts); other targets' agents read their
     #: target's mount table instead.
     volume_paths: list[str] | None = None
+    #: The health probes of the target's ports, known once the agent is started
+    #: (Kubernetes: the container's liveness, readiness and startup probes): port ->
+    #: the probes in words. Where they come from: the node's addresses.
+    probes: dict[int, list[str]] | None = None
+    probe_sources: list[str] | None = None
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -146,6 +146,46 @@ def volume_paths(pod: Any, container: str) -> list[str]:
     return []
 
 
+def probes(pod: Any, container: str) -> dict[int, list[str]]:
+    """The kubelet's probes of the target container, by port: ``{8080: ["readiness
+    httpGet /healthz"]}``. Named ports are looked up in the container's ports; exec
+    probes have no port and are not listed."""
+    found: dict[int, list[str]] = {}
+    for spec in pod.spec.containers or []:
+        if spec.name != container:
+            continue
+        named = {p.name: p.container_port for p in spec.ports or [] if p.name}
+        for kind in ("liveness", "readiness", "startup"):
+            probe = getattr(spec, f"{kind}_probe", None)
+            if probe is None:
+                continue
+            for how, action in (
+                ("httpGet", probe.http_get),
+                ("tcpSocket", probe.tcp_socket),
+                ("grpc", probe.grpc),
+            ):
+                if action is None:
+                    continue
+                port = action.port
+                if isinstance(port, str):
+                    port = int(port) if port.isdigit() else named.get(port)
+                if isinstance(port, int):
+                    path = f" {action.path or '/'}" if how == "httpGet" else ""
+                    found.setdefault(port, []).append(f"{kind} {how}{path}")
+    return found
+
+
+def node_addresses(pod: Any) -> list[str]:
+    """Where the kubelet's probes come from: the addresses of the pod's node."""
+    status = pod.status
+    if status is None:
+        return []
+    addresses = [ip.ip for ip in getattr(status, "host_ips", None) or [] if ip.ip]
+    if status.host_ip and status.host_ip not in addresses:
+        addresses.insert(0, status.host_ip)
+    return addresses
+
+
 class KubeAgent(AgentHandle):
     """An agent in the cluster, reached through a local port-forwarding socket."""
 
@@ -231,6 +271,8 @@ class KubeTarget(Target):
         try:
             pod, container = await cluster.resolve(self.kube, say)
             self.volume_paths = volume_paths(pod, container)
+            self.probes = probes(pod, container)
+            self.probe_sources = node_addresses(pod)
             name = f"netmirror-{settings.session}-{secrets.token_hex(3)}"
             job: str | None = None
             if self.mode == "job":
