@@ -658,7 +658,21 @@ class Daemon:
     def _announce_mesh(self) -> None:
         """Say which mesh the agent found, and where netmirror hooked because of it."""
         mesh = Mesh.from_json(self.agent.info.get("mesh")) if self.agent is not None else None
-        if mesh is None or not any(port.mode != "off" for port in self.config.ports):
+        if not any(port.mode != "off" for port in self.config.ports):
+            return
+        hint = self.target.mesh_hint if self.target is not None else None
+        if hint is not None and (
+            mesh is None or "ambient" in hint or hint.split()[0] != mesh.describe().split()[0]
+        ):
+            # e.g. ambient mode, or a CNI that redirects outside the pod's nat table.
+            self.progress.warn(
+                f"the pod says it runs in a mesh ({hint}) but its nat table shows"
+                f" {'no mesh rules' if mesh is None else mesh.describe()}: netmirror hooks as"
+                " in a pod without one, so what it steals or mirrors may be the mesh's"
+                " encrypted traffic"
+            )
+            return
+        if mesh is None:
             return
         if mesh.known:
             self.progress.step(

@@ -98,3 +98,19 @@ def test_probe_requests_skip_the_sessions_that_keep_them() -> None:
 
     # A probe passes the session that keeps probes by; other requests do not.
     assert asyncio.run(routes()) == ["steals", "keeps", ""]
+
+
+def test_the_mesh_a_pod_says_it_is_in() -> None:
+    from netmirror.daemon.targets.kube import mesh_hint
+
+    def with_(*, containers: tuple[str, ...] = ("web",), **meta: dict[str, str]) -> V1Pod:
+        return V1Pod(
+            metadata=V1ObjectMeta(name="p", **meta),
+            spec=V1PodSpec(containers=[V1Container(name=name) for name in containers]),
+        )
+
+    assert mesh_hint(with_()) is None
+    assert mesh_hint(with_(containers=("web", "istio-proxy"))) == "Istio sidecar"
+    assert mesh_hint(with_(annotations={"linkerd.io/proxy-version": "v2"})) == "Linkerd proxy"
+    assert mesh_hint(with_(labels={"istio.io/dataplane-mode": "ambient"})) == "Istio ambient mode"
+    assert mesh_hint(with_(containers=("web", "kuma-sidecar"))) == "Kuma sidecar"

@@ -79,6 +79,9 @@ class Target(abc.ABC):
     #: the probes in words. Where they come from: the node's addresses.
     probes: dict[int, list[str]] | None = None
     probe_sources: list[str] | None = None
+    #: The mesh the target's own description names (Kubernetes: its sidecar
+    #: containers and annotations), to compare with what the agent finds.
+    mesh_hint: str | None = None
 
     @abc.abstractmethod
     def describe(self) -> str:

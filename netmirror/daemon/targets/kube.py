@@ -175,6 +175,25 @@ def probes(pod: Any, container: str) -> dict[int, list[str]]:
     return found
 
 
+def mesh_hint(pod: Any) -> str | None:
+    """The mesh a pod's containers and annotations say it is in, in words, if any."""
+    annotations = (pod.metadata.annotations if pod.metadata is not None else None) or {}
+    labels = (pod.metadata.labels if pod.metadata is not None else None) or {}
+    names = {c.name for c in [*(pod.spec.containers or []), *(pod.spec.init_containers or [])]}
+    if (
+        annotations.get("ambient.istio.io/redirection") == "enabled"
+        or labels.get("istio.io/dataplane-mode") == "ambient"
+    ):
+        return "Istio ambient mode"
+    if "istio-proxy" in names or "sidecar.istio.io/status" in annotations:
+        return "Istio sidecar"
+    if "linkerd-proxy" in names or "linkerd.io/proxy-version" in annotations:
+        return "Linkerd proxy"
+    if "kuma-sidecar" in names or "kuma.io/sidecar-injected" in annotations:
+        return "Kuma sidecar"
+    return None
+
+
 def node_addresses(pod: Any) -> list[str]:
     """Where the kubelet's probes come from: the addresses of the pod's node."""
     status = pod.status
@@ -273,6 +292,7 @@ class KubeTarget(Target):
             self.volume_paths = volume_paths(pod, container)
             self.probes = probes(pod, container)
             self.probe_sources = node_addresses(pod)
+            self.mesh_hint = mesh_hint(pod)
             name = f"netmirror-{settings.session}-{secrets.token_hex(3)}"
             job: str | None = None
             if self.mode == "job":
