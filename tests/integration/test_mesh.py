@@ -131,12 +131,14 @@ def test_an_unknown_redirect_gives_a_warning(env: Env) -> None:
     assert st["agent"]["mesh"].startswith("unknown redirect rules")
 
 
-def test_istio_sidecar_http_filter_routes_on_the_plaintext(env: Env, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", sorted(MESHES))
+def test_sidecar_http_filter_routes_on_the_plaintext(env: Env, tmp_path: Path, kind: str) -> None:
+    rules, port, uid, source, _label, chains = MESHES[kind]
     env.server("http", APP_PORT, in_pod=True, text="pod\n")
     local = free_port()
     env.server("http", local, in_pod=False, text="local\n")
-    mesh(env, ISTIO)
-    sidecar(env, tmp_path)
+    mesh(env, rules)
+    sidecar(env, tmp_path, port=port, uid=uid, source=source)
     env.up("--steal", f"{APP_PORT}:{local}", "--http-header", "^x-dev: me$")
 
     def get(*headers: str) -> str:
@@ -151,11 +153,15 @@ def test_istio_sidecar_http_filter_routes_on_the_plaintext(env: Env, tmp_path: P
     assert get() == "pod\n"
     assert get("x-dev: someone-else") == "pod\n"
     prerouting = env.sandbox.run("iptables", "-t", "nat", "-S", "PREROUTING").stdout
-    assert prerouting.index("ISTIO_INBOUND") < prerouting.index("NETMIRROR-http-")
+    assert prerouting.index(chains) < prerouting.index("NETMIRROR-http-")
 
 
+@pytest.mark.parametrize("kind", sorted(MESHES))
 @pytest.mark.parametrize("method", ["capture", "passthrough"])
-def test_istio_sidecar_mirror_copies_the_plaintext(env: Env, tmp_path: Path, method: str) -> None:
+def test_sidecar_mirror_copies_the_plaintext(
+    env: Env, tmp_path: Path, method: str, kind: str
+) -> None:
+    rules, port, uid, source, _label, _chains = MESHES[kind]
     import hashlib
     import socket
     import ssl
@@ -166,8 +172,8 @@ def test_istio_sidecar_mirror_copies_the_plaintext(env: Env, tmp_path: Path, met
     local = free_port()
     sink = tmp_path / "sink.log"
     env.server("sink", local, in_pod=False, log=str(sink))
-    mesh(env, ISTIO)
-    sidecar(env, tmp_path)
+    mesh(env, rules)
+    sidecar(env, tmp_path, port=port, uid=uid, source=source)
     env.up("--mirror", f"{APP_PORT}:{local}", "--mirror-method", method)
     request = b"GET /copied HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n"
     tls = ssl.create_default_context()
