@@ -52,10 +52,13 @@ def _err(message: str) -> None:
 def _config(args: argparse.Namespace, **more: Any) -> Config:
     """The session's config: file < NETMIRROR_* variables < flags."""
     from netmirror.config import Overrides, build_config
+    from netmirror.config.mirrord import Note
 
+    notes: list[Note] = []
     config = build_config(
         file=Path(args.config) if args.config else None,
         env=os.environ,
+        notes=notes,
         flags=Overrides(
             target=args.target,
             session=args.session,
@@ -76,6 +79,9 @@ def _config(args: argparse.Namespace, **more: Any) -> Config:
             **more,
         ),
     )
+    for note in notes:
+        if note.mapped_to is None:
+            _err(f"warning: {note.line()}")
     if config.pcap is not None:
         # The daemon runs elsewhere (cwd /): a relative path means the user's cwd.
         absolute = str(Path(config.pcap.path).expanduser().resolve())
@@ -282,14 +288,31 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from netmirror.config import json_schema, load_file, parse_config
+    from netmirror.config import json_schema, parse_config
 
     if args.config_command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
+    from netmirror.config import read_dialect
+
     path = Path(args.file)
-    config = parse_config(load_file(path), source=path.name)
-    print(f"{path}: ok ({len(config.ports)} port(s), target {config.target or 'not set'})")
+    data, dialect, notes = read_dialect(path)
+    config = parse_config(data, source=path.name)
+    if args.config_command == "convert":
+        import yaml
+
+        for note in notes:
+            if note.mapped_to is None:
+                _err(f"warning: {note.line()}")
+        sys.stderr.flush()
+        print(yaml.safe_dump(config.model_dump(exclude_defaults=True), sort_keys=False), end="")
+        return 0
+    print(
+        f"{path}: ok, {dialect} config ({len(config.ports)} port(s),"
+        f" target {config.target or 'not set'})"
+    )
+    for note in notes:
+        print(f"  {note.line()}")
     return 0
 
 

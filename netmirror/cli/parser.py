@@ -17,8 +17,19 @@ class _Parser(argparse.ArgumentParser):
 
 def _session_args(parser: argparse.ArgumentParser) -> None:
     """Target, ports and agent options, shared by up and exec."""
-    parser.add_argument("--config", "-c", metavar="FILE", help="YAML, TOML or JSON config file")
-    parser.add_argument("--target", "-t", help="netns/NAME or pid/PID")
+    parser.add_argument(
+        "--config",
+        "-c",
+        "-f",
+        metavar="FILE",
+        help="YAML, TOML or JSON config file: netmirror's, or a mirrord config",
+    )
+    parser.add_argument(
+        "--target",
+        "-t",
+        help="what to attach to: pod/NAME, deployment/NAME, statefulset/NAME (any of them "
+        "with /container/C), netns/NAME (a network namespace) or pid/PID (a process's)",
+    )
     parser.add_argument(
         "--steal",
         action="append",
@@ -167,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a config file")
     check.add_argument("file")
     cfg_sub.add_parser("schema", help="print the JSON Schema of the config file")
+    convert = cfg_sub.add_parser(
+        "convert", help="print the netmirror config (YAML) that a mirrord config becomes"
+    )
+    convert.add_argument("file", metavar="FILE")
 
     # Run by `netmirror` itself (netmirror.main) before this parser is reached; listed
     # here so that --help names them.

@@ -24,6 +24,7 @@ from netmirror.config.loading import (
     load_file,
     parse_config,
     parse_port_spec,
+    read_dialect,
 )
 from netmirror.config.messages import format_validation_error
 from netmirror.config.model import (
@@ -69,4 +70,5 @@ __all__ = [
     "load_file",
     "parse_config",
     "parse_port_spec",
+    "read_dialect",
 ]

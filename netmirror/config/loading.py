@@ -22,6 +22,7 @@ from netmirror.config.messages import (
     _show,
     format_validation_error,
 )
+from netmirror.config.mirrord import Note, convert, is_mirrord
 from netmirror.config.model import (
     _NOT_A_PORT,
     _PORT_SPEC_RE,
@@ -229,7 +230,23 @@ class Overrides:
     """Networks appended to ``outgoing.exclude``."""
 
 
-def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides) -> Config:
+def read_dialect(path: Path) -> tuple[dict[str, Any], str, list[Note]]:
+    """A config file's data as netmirror's, the dialect it was written in (``netmirror``
+    or ``mirrord``), and, for mirrord's, what became of each key."""
+    data = load_file(path)
+    if not is_mirrord(data):
+        return data, "netmirror", []
+    converted, notes = convert(data)
+    return converted, "mirrord", notes
+
+
+def build_config(
+    *,
+    file: Path | None,
+    env: Mapping[str, str],
+    flags: Overrides,
+    notes: list[Note] | None = None,
+) -> Config:
     """Merge a config file, environment variables and flags into one :class:`Config`.
 
     Later layers win: file < environment < flags. The file must be valid on its own.
@@ -243,7 +260,12 @@ def build_config(*, file: Path | None, env: Mapping[str, str], flags: Overrides)
     :raises ConfigError: naming the file, variable or flag the bad value came from.
     """
     file_source = _one_line(str(file)) if file is not None else None
-    base = parse_config(load_file(file), source=file_source) if file is not None else Config()
+    base = Config()
+    if file is not None:
+        data, _dialect, found = read_dialect(file)
+        if notes is not None:
+            notes.extend(found)
+        base = parse_config(data, source=file_source)
     # Re-validating a dump of the file's config, not the raw file data, means any
     # error from here on comes from a variable or a flag, recorded in `origins`.
     data = base.model_dump()

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -277,3 +278,32 @@ def test_killed_agent_rules_removed_by_guard(env: Env) -> None:
         max(0.0, started + 2 - time.monotonic()),
         lambda: f"the guard did not remove the rules within 2 s: {env.chains()}",
     )
+
+
+def test_a_mirrord_config_file_is_taken_as_it_is(env: Env, tmp_path: Path) -> None:
+    env.server("http", POD_PORT, in_pod=True, text="pod v1\n")
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local v2\n")
+    config = tmp_path / "mirrord.json"
+    config.write_text(
+        json.dumps(
+            {
+                "target": env.sandbox.target,
+                "feature": {
+                    "network": {
+                        "incoming": {
+                            "mode": "steal",
+                            "ports": [POD_PORT],
+                            "port_mapping": [[local, POD_PORT]],
+                        }
+                    }
+                },
+                "telemetry": False,
+            }
+        )
+    )
+    up = env.netmirror("up", "-f", str(config), "--session", "t1", check=True)
+    assert up.stderr.splitlines()[0] == (
+        "netmirror: warning: mirrord key 'telemetry' ignored: netmirror has no equivalent"
+    )
+    assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/").stdout == "local v2\n"

@@ -22,7 +22,28 @@ def test_config_check_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     cfg = tmp_path / "nm.yaml"
     cfg.write_text("target: netns/pod1\nports:\n  - remote: 80\n    local: 3000\n")
     assert main(["config", "check", str(cfg)]) == 0
-    assert "ok (1 port(s), target netns/pod1)" in capsys.readouterr().out
+    assert "ok, netmirror config (1 port(s), target netns/pod1)" in capsys.readouterr().out
+
+
+def test_config_check_and_convert_a_mirrord_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "mirrord.json"
+    cfg.write_text(
+        '{"target": "deployment/client", "telemetry": false,'
+        ' "feature": {"network": {"incoming": {"mode": "steal", "ports": [8080]}}}}'
+    )
+    assert main(["config", "check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "ok, mirrord config (1 port(s), target deployment/client)" in out
+    assert "mirrord key 'feature.network.incoming.mode' -> ports[].mode" in out
+    assert "mirrord key 'telemetry' ignored: netmirror has no equivalent" in out
+    assert main(["config", "convert", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "target: deployment/client\nports:\n- remote: 8080\n"
+    assert captured.err == (
+        "netmirror: warning: mirrord key 'telemetry' ignored: netmirror has no equivalent\n"
+    )
 
 
 def test_config_check_names_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
