@@ -143,6 +143,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         overrides["env_override"] = dict(_key_value(item) for item in args.env_set)
     if args.no_outgoing:
         overrides["outgoing"] = False
+    if args.incoming:
+        overrides["incoming_mode"] = args.incoming
     if args.outgoing_method:
         overrides["outgoing_method"] = args.outgoing_method
     config = _config(args, **overrides)

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         "proxy: ALL_PROXY/HTTP(S)_PROXY variables; auto (default): transparent if possible",
     )
     run.add_argument(
+        "--incoming",
+        choices=["mirror", "steal", "off"],
+        help="with no --steal/--mirror: what happens to the target's ports with the numbers "
+        "the command listens on (default mirror)",
+    )
+    run.add_argument(
         "--no-outgoing",
         action="store_true",
         help="leave the command's outgoing traffic and DNS alone",

@@ -227,6 +227,8 @@ class Overrides:
     """Paths appended to ``files.local``."""
     steal_probes: bool | None = None
     """``--steal-probes``: sets ``steal_probes``."""
+    incoming_mode: str | None = None
+    """``exec --incoming``: sets ``incoming.mode``."""
     """Networks appended to ``outgoing.exclude``."""
 
 
@@ -370,6 +372,8 @@ def build_config(
     add_items(("files", "local"), flags.files_local, replace=False)
     if flags.steal_probes is not None:
         put(("steal_probes",), flags.steal_probes, "--steal-probes")
+    if flags.incoming_mode is not None:
+        put(("incoming", "mode"), flags.incoming_mode, "--incoming")
 
     def locate(loc: tuple[int | str, ...]) -> tuple[str | None, tuple[int | str, ...]]:
         # The most specific recorded origin wins; a variable or flag sets exactly

@@ -223,11 +223,13 @@ class _Converter:
                 entry["http_filter"] = http_filter
             entries.append(entry)
         if not ports:
-            self.ignored(
-                f"{base}.ports",
-                "no ports named: give them (ports:, or --steal/--mirror PORT); finding the ports "
-                "the command listens on is not supported yet",
-            )
+            # exec applies the mode to the ports the command listens on.
+            incoming = self.section("incoming")
+            incoming["mode"] = mode
+            if mapping:
+                incoming["port_mapping"] = {local: remote for remote, local in mapping.items()}
+            if ignore:
+                incoming["ignore_ports"] = sorted(ignore)
 
     def http_filter(self, value: Any) -> tuple[dict[str, Any] | None, list[int]]:
         base = "feature.network.incoming.http_filter"

@@ -519,6 +519,26 @@ class FilesConfig(BaseModel):
     )
 
 
+class IncomingConfig(BaseModel):
+    """netmirror exec without ports: the ports the command listens on, taken as they come."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Mode = Field(
+        default="mirror",
+        description="What happens to the target's port with the number the command listens "
+        "on: mirror (the pod keeps answering, the command gets a copy), steal, or off.",
+    )
+    port_mapping: dict[Port, Port] = Field(
+        default_factory=dict,
+        description="Local port -> the target's port, where the numbers differ.",
+    )
+    ignore_ports: list[Port] = Field(
+        default_factory=list,
+        description="Local ports left alone.",
+    )
+
+
 class Config(BaseModel):
     """netmirror configuration: what to attach to, and which of its ports to take."""
 
@@ -562,6 +582,11 @@ class Config(BaseModel):
     files: FilesConfig = Field(
         default_factory=FilesConfig,
         description="The target's files: its root, its volumes and the paths named here.",
+    )
+    incoming: IncomingConfig = Field(
+        default_factory=IncomingConfig,
+        description="netmirror exec with no ports given: what happens to the target's ports "
+        "with the numbers the command listens on.",
     )
     steal_probes: bool = Field(
         default=False,

@@ -24,6 +24,7 @@ import aiohttp
 
 from netmirror import __version__
 from netmirror.config import Config, PortConfig
+from netmirror.daemon.listeners import descendants, listening_ports
 from netmirror.daemon.pcap import PcapSink, PcapWriter
 from netmirror.daemon.targets import AgentHandle, AgentSettings, resolve_target
 from netmirror.errors import AgentError, NetmirrorError, ProtocolError
@@ -59,6 +60,8 @@ CONNECT_TIMEOUT = 10.0
 SUBSCRIBE_TIMEOUT = 15.0
 WS_HEARTBEAT = 10.0
 BACKOFF_MAX = 2.0
+#: Seconds between two looks at the ports an exec command listens on.
+LISTEN_POLL = 0.5
 
 
 class Progress:
@@ -399,29 +402,89 @@ class Daemon:
         return tunnel
 
     async def _subscribe_all(self, tunnel: Tunnel) -> None:
-        loop = asyncio.get_running_loop()
-        for remote, port in self.ports.items():
+        for remote, port in list(self.ports.items()):
             self.progress.step(
                 f"taking port {remote} ({port.mode} -> {port.local_host}:{port.local_port})"
             )
-            options: dict[str, Any] = {}
-            if port.mode == "mirror":
-                options = {"method": port.mirror.method, "pcap": self.pcap is not None}
-            elif port.http_filter is not None:
-                options = {"http_filter": port.http_filter}
-            options.update(self._probe_options(remote, port))
-            request_id = tunnel.conn.subscribe(remote, port.mode, options)
-            future: asyncio.Future[ev.SubscriptionAnswered] = loop.create_future()
-            self._answers[request_id] = future
-            tunnel.kick()
+            await self._subscribe_one(tunnel, remote, port)
+
+    async def _subscribe_one(self, tunnel: Tunnel, remote: int, port: PortConfig) -> None:
+        """Take one port in the agent; AgentError if it refuses or does not answer."""
+        loop = asyncio.get_running_loop()
+        options: dict[str, Any] = {}
+        if port.mode == "mirror":
+            options = {"method": port.mirror.method, "pcap": self.pcap is not None}
+        elif port.http_filter is not None:
+            options = {"http_filter": port.http_filter}
+        options.update(self._probe_options(remote, port))
+        request_id = tunnel.conn.subscribe(remote, port.mode, options)
+        future: asyncio.Future[ev.SubscriptionAnswered] = loop.create_future()
+        self._answers[request_id] = future
+        tunnel.kick()
+        try:
+            answer = await asyncio.wait_for(future, SUBSCRIBE_TIMEOUT)
+        except TimeoutError:
+            raise AgentError(f"the agent did not answer for port {remote}") from None
+        if not answer.ok:
+            self.port_state[remote] = "failed"
+            raise AgentError(f"port {remote}: {answer.error}")
+        self.port_state[remote] = "active"
+
+    # --- netmirror exec: the ports the command listens on ------------------------
+
+    def _command_pids(self) -> set[int]:
+        """The exec command's processes: its cgroup's, else the exec process's tree."""
+        cgroup = self.outgoing.cgroup if self.outgoing is not None else None
+        if cgroup is not None:
             try:
-                answer = await asyncio.wait_for(future, SUBSCRIBE_TIMEOUT)
-            except TimeoutError:
-                raise AgentError(f"the agent did not answer for port {remote}") from None
-            if not answer.ok:
-                self.port_state[remote] = "failed"
-                raise AgentError(f"port {remote}: {answer.error}")
-            self.port_state[remote] = "active"
+                text = (cgroup.path / "cgroup.procs").read_text()
+                return {int(pid) for pid in text.split()}
+            except OSError:
+                pass
+        return descendants(int(self.exec["owner_pid"]))
+
+    async def _watch_listeners(self) -> None:
+        """Apply the incoming mode to the ports the command listens on, as they come
+        (within LISTEN_POLL) and go."""
+        incoming = self.config.incoming
+        taken: dict[int, int] = {}  # remote -> local, taken here
+        refused: set[int] = set()  # remote ports the agent would not take: said once
+        while True:
+            await asyncio.sleep(LISTEN_POLL)
+            pids = await asyncio.to_thread(self._command_pids)
+            ports = await asyncio.to_thread(listening_ports, pids)
+            wanted = {
+                incoming.port_mapping.get(local, local): local
+                for local in ports
+                if local not in incoming.ignore_ports
+            }
+            tunnel = self._live_tunnel()
+            if tunnel is None:
+                continue  # a reconnect subscribes self.ports again
+            for remote, local in sorted(wanted.items()):
+                if remote in taken or remote in refused or remote in self.ports:
+                    continue
+                port = PortConfig(remote=remote, mode=incoming.mode, local=local)
+                self.ports[remote] = port
+                self.stats.setdefault(remote, PortStats())
+                self.port_state[remote] = "pending"
+                try:
+                    await self._subscribe_one(tunnel, remote, port)
+                except AgentError as exc:
+                    refused.add(remote)
+                    del self.ports[remote]
+                    log.warning("the command listens on %d, but %s", local, exc)
+                    continue
+                taken[remote] = local
+                log.info("the command listens on %d: %s port %d", local, port.mode, remote)
+            for remote in [r for r in taken if r not in wanted]:
+                del taken[remote]
+                self.ports.pop(remote, None)
+                self.port_state[remote] = "off"
+                tunnel.conn.unsubscribe(remote)
+                tunnel.kick()
+                log.info("the command closed port %d: port %d given back", remote, remote)
+            refused &= set(wanted)  # closed and opened again: tried again
 
     async def _run_tunnel(self, tunnel: Tunnel) -> asyncio.Task[str]:
         task = self.tasks.spawn(tunnel.run(), name="tunnel")
@@ -459,7 +522,9 @@ class Daemon:
                 mesh=_mesh_line(self.agent.info.get("mesh")),
             )
         ports = []
-        for port in self.config.ports:
+        configured = {p.remote for p in self.config.ports}
+        shown = [*self.config.ports, *(p for r, p in self.ports.items() if r not in configured)]
+        for port in shown:
             counters = self.stats.get(port.remote, PortStats())
             report = self.agent_report.ports.get(port.remote, PortReport())
             entry = PortStatus(
@@ -577,6 +642,8 @@ class Daemon:
                     self.progress.send(error="stopped while starting")
                     return 1
                 exec_info["files"] = files_start.result()
+            if self.exec and not self.ports and self.config.incoming.mode != "off":
+                self.tasks.spawn(self._watch_listeners(), name="listeners")
             self.state = "ready"
             self.progress.send(ready=True, status=to_json(self.status()), exec=exec_info)
             self.progress.close()

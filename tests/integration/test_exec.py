@@ -14,6 +14,7 @@ the chains of this test's sessions.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -341,3 +342,59 @@ def test_proxy_method_for_programs_that_honour_proxy_variables(env: Env, private
     assert res.stdout.splitlines() == ["orders from the db", "orders from the db", "socks5h"]
     assert "ALL_PROXY/HTTP_PROXY" in res.stderr
     _assert_clean(env, session_name(env, 4))
+
+
+def _get(url: str) -> str:
+    res = subprocess.run(["curl", "-sS", "-m", "3", url], capture_output=True, text=True)
+    return res.stdout or res.stderr
+
+
+@pytest.mark.parametrize("mode", ["steal", "mirror"])
+def test_the_ports_the_command_listens_on_are_taken_and_given_back(
+    env: Env, tmp_path: Path, mode: str
+) -> None:
+    if cgroup2_root() is None:
+        pytest.skip("netmirror exec needs a cgroup v2 hierarchy")
+    pod_port = 8080
+    env.server("http", pod_port, in_pod=True, text="pod\n")
+    local = free_port()
+    config = tmp_path / "nm.yaml"
+    config.write_text(f"incoming:\n  mode: {mode}\n  port_mapping:\n    {local}: {pod_port}\n")
+    log = tmp_path / "local.log"
+    # The command: a server that starts a moment later, and stops when told (a line
+    # on its stdin) while the command goes on.
+    kind = "http --text local" if mode == "steal" else f"sink --log {log}"
+    script = (
+        f"sleep 1; {sys.executable} {SERVERS} {kind} --port {local} --host 127.0.0.1"
+        " & server=$!; read line; kill $server; sleep 60"
+    )
+    name = session_name(env, 1)
+    argv = [sys.executable, "-m", "netmirror", "exec", "--target", env.sandbox.target]
+    argv += ["--session", name, "-c", str(config), "--", "sh", "-c", script]
+    proc = subprocess.Popen(
+        argv, env=env.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    env.procs.append(proc)
+    url = f"http://{env.sandbox.pod_ip}:{pod_port}/"
+    try:
+
+        def taken() -> bool:
+            out = env.netmirror("status", "--json", "--session", name).stdout
+            sessions = json.loads(out).get("sessions", []) if out else []
+            ports = sessions[0].get("ports", []) if sessions else []
+            return any(p["remote"] == pod_port and p["state"] == "active" for p in ports)
+
+        eventually(taken, 15, "the port the command listens on was not taken", interval=0.2)
+        if mode == "steal":
+            assert _get(url) == "local"
+        else:
+            assert _get(url) == "pod\n"  # the pod answers; the command gets a copy
+            eventually(lambda: log.exists() and log.read_text().strip() != "", 5, "no copy")
+        assert proc.stdin is not None
+        proc.stdin.write(b"stop\n")
+        proc.stdin.flush()
+        eventually(lambda: not taken(), 5, "the port was not given back", interval=0.2)
+        assert _get(url) == "pod\n"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)

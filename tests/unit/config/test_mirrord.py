@@ -16,8 +16,9 @@ def test_the_example_users_keep() -> None:
     assert is_mirrord(data)
     out, notes = convert(data)
     assert out["target"] == "deployment/client"
-    # No ports named: said, not guessed.
-    assert [n.key for n in notes if n.mapped_to is None] == ["feature.network.incoming.ports"]
+    # No ports named: exec applies the mode to the ports the command listens on.
+    assert out["incoming"] == {"mode": "steal"}
+    assert all(n.mapped_to is not None for n in notes)
 
 
 def test_netmirrors_own_configs_are_not_mirrords() -> None:
