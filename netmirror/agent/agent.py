@@ -301,7 +301,7 @@ class Agent:
                     self._answer(tunnel, req.request_id, req.port, ok=same, error=error)
                     return
                 http_filter = req.options.get("http_filter")
-                keep_from = _addresses(req.options.get("keep_from"))
+                keep_from = _source_addresses(req.options.get("keep_from"))
                 if req.mode == "steal" and http_filter is not None:
                     sub = await self._share(
                         req.port, http_filter, keep_probes=bool(req.options.get("keep_probes"))
@@ -524,7 +524,7 @@ class Agent:
                     os.unlink(where)  # leave no socket file behind
 
 
-def _addresses(value: object) -> tuple[str, ...]:
+def _source_addresses(value: object) -> tuple[str, ...]:
     """The source addresses a subscription keeps with the target; AgentError if bad."""
     if value is None:
         return ()

@@ -8,6 +8,7 @@ through :mod:`.runner`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from netmirror.errors import CommandError, ConfigError, NetmirrorError, SessionE
 from netmirror.wire.session import (
     SessionDir,
     list_session_dirs,
+    pid_alive,
     pid_start,
 )
 
@@ -76,6 +78,7 @@ def _config(args: argparse.Namespace, **more: Any) -> Config:
             files_rw=tuple(args.files_rw or ()),
             files_local=tuple(args.files_local or ()),
             steal_probes=args.steal_probes,
+            port_forward=tuple(args.forward or ()),
             **more,
         ),
     )
@@ -111,7 +114,7 @@ def _http_filter(args: argparse.Namespace) -> dict[str, str] | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     config = _config(args)
-    if not config.active_ports():
+    if not config.active_ports() and not config.port_forward:
         raise ConfigError(
             "no ports to take: pass --steal PORT[:LOCAL] or list ports: in the config"
         )
@@ -122,6 +125,36 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"session {sdir.name!r} is up on {status.target}: {ports}")
     print(f"  netmirror status --session {sdir.name}   |   netmirror down --session {sdir.name}")
     return 0
+
+
+def cmd_port_forward(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if not config.port_forward:
+        raise ConfigError("nothing to forward: pass -L [LHOST:]LPORT:HOST:PORT")
+    sdir = new_session(config)
+    try:
+        start_daemon(sdir, config, debug=args.debug, timeout=args.timeout)
+        for forward in config.port_forward:
+            print(
+                f"forwarding {forward.local_host}:{forward.local_port} -> "
+                f"{forward.host}:{forward.port} from {config.target}",
+                flush=True,
+            )
+        print(f"  session {sdir.name!r}; Ctrl-C to stop", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while sdir.path.exists() and _daemon_alive(sdir):
+                time.sleep(0.5)
+    finally:
+        stop_session(sdir)
+    return 0
+
+
+def _daemon_alive(sdir: SessionDir) -> bool:
+    try:
+        record = sdir.read()
+    except SessionError:
+        return False
+    return pid_alive(record.daemon_pid, record.daemon_start)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -325,6 +358,7 @@ def cmd_elsewhere(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
+    "port-forward": cmd_port_forward,
     "exec": cmd_exec,
     "ls": cmd_ls,
     "down": cmd_down,

@@ -70,6 +70,14 @@ def _session_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--timeout", type=float, help="seconds to wait until ready")
     parser.add_argument(
+        "-L",
+        "--forward",
+        action="append",
+        metavar="[LHOST:]LPORT:HOST:PORT",
+        help="a local port that reaches HOST:PORT as the target reaches it; HOST may be a "
+        "name the target resolves (repeatable)",
+    )
+    parser.add_argument(
         "--steal-probes",
         action="store_true",
         default=None,
@@ -113,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a session: steal or mirror ports of a target")
     _session_args(up)
+
+    forward = sub.add_parser(
+        "port-forward",
+        help="reach hosts and ports as the target reaches them, from local ports, until Ctrl-C",
+        usage="netmirror port-forward --target TARGET -L [LHOST:]LPORT:HOST:PORT ...",
+    )
+    _session_args(forward)
 
     run = sub.add_parser(
         "exec",

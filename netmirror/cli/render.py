@@ -85,6 +85,12 @@ def status_lines(st: SessionStatus) -> list[str]:
             f"  files: the target's root at {fs.root} (read-only{writable}; "
             f"{fs.requests} requests, {format_bytes(fs.bytes_read)} read)"
         )
+    for fw in st.forwards:
+        lines.append(
+            f"  forward {fw.local} -> {fw.to} (from the target): {fw.connections_total}"
+            f"/{fw.connections_open} connections, {format_bytes(fw.bytes_in)} in,"
+            f" {format_bytes(fw.bytes_out)} out, {fw.errors} errors"
+        )
     if st.pcap is not None:
         f = st.pcap
         lines.append(f"  pcap: {f.path} ({format_bytes(f.bytes)}, {f.records} packets, {f.state})")

@@ -31,6 +31,7 @@ from netmirror.config.model import (
     ENV_SESSION,
     ENV_TARGET,
     Config,
+    ForwardConfig,
 )
 from netmirror.errors import ConfigError
 
@@ -229,6 +230,8 @@ class Overrides:
     """``--steal-probes``: sets ``steal_probes``."""
     incoming_mode: str | None = None
     """``exec --incoming``: sets ``incoming.mode``."""
+    port_forward: Sequence[str] = ()
+    """``-L [LHOST:]LPORT:HOST:PORT`` specs, appended to ``port_forward``."""
     """Networks appended to ``outgoing.exclude``."""
 
 
@@ -374,6 +377,13 @@ def build_config(
         put(("steal_probes",), flags.steal_probes, "--steal-probes")
     if flags.incoming_mode is not None:
         put(("incoming", "mode"), flags.incoming_mode, "--incoming")
+    for spec in flags.port_forward:
+        try:
+            forward = ForwardConfig.parse(spec)
+        except ValueError as exc:
+            raise ConfigError(f"-L {_one_line(str(exc))}") from None
+        data["port_forward"].append(forward.model_dump())
+        origins[("port_forward", len(data["port_forward"]) - 1)] = f"-L {spec}"
 
     def locate(loc: tuple[int | str, ...]) -> tuple[str | None, tuple[int | str, ...]]:
         # The most specific recorded origin wins; a variable or flag sets exactly

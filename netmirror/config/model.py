@@ -519,6 +519,55 @@ class FilesConfig(BaseModel):
     )
 
 
+class ForwardConfig(BaseModel):
+    """A local port that reaches HOST:PORT as the target reaches it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local_port: Port = Field(description="The port on this machine.")
+    local_host: Annotated[str, AfterValidator(_check_local_host)] = Field(
+        default="127.0.0.1", description="The address on this machine it listens on."
+    )
+    host: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Where the target connects: an address, or a name the target resolves "
+        "(its DNS and hosts file).",
+    )
+    port: Port = Field(description="The port the target connects to.")
+
+    @classmethod
+    def parse(cls, spec: str) -> ForwardConfig:
+        """``[LHOST:]LPORT:HOST:PORT`` (``[...]`` around IPv6 addresses); ValueError."""
+        parts = _split_forward(spec)
+        if len(parts) == 3:
+            parts = ["127.0.0.1", *parts]
+        if len(parts) != 4 or not all(parts):
+            raise ValueError(f"{spec!r} is not [LHOST:]LPORT:HOST:PORT")
+        lhost, lport, host, port = parts
+        if not lport.isdigit() or not port.isdigit():
+            raise ValueError(f"{spec!r}: the ports must be numbers")
+        return cls(local_host=lhost, local_port=int(lport), host=host, port=int(port))
+
+
+def _split_forward(spec: str) -> list[str]:
+    parts: list[str] = []
+    rest = spec
+    while rest:
+        if rest.startswith("["):
+            end = rest.find("]")
+            if end < 0:
+                raise ValueError(f"{spec!r}: unclosed '['")
+            parts.append(rest[1:end])
+            rest = rest[end + 1 :].removeprefix(":")
+        else:
+            head, sep, rest = rest.partition(":")
+            parts.append(head)
+            if not sep:
+                break
+    return parts
+
+
 class IncomingConfig(BaseModel):
     """netmirror exec without ports: the ports the command listens on, taken as they come."""
 
@@ -582,6 +631,11 @@ class Config(BaseModel):
     files: FilesConfig = Field(
         default_factory=FilesConfig,
         description="The target's files: its root, its volumes and the paths named here.",
+    )
+    port_forward: list[ForwardConfig] = Field(
+        default_factory=list,
+        description="Local ports that reach a host and port as the target reaches them "
+        "(netmirror port-forward -L, or part of a session).",
     )
     incoming: IncomingConfig = Field(
         default_factory=IncomingConfig,

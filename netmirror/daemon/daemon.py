@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import aiohttp
 
 from netmirror import __version__
 from netmirror.config import Config, PortConfig
+from netmirror.config.model import ForwardConfig
 from netmirror.daemon.listeners import descendants, listening_ports
 from netmirror.daemon.pcap import PcapSink, PcapWriter
 from netmirror.daemon.targets import AgentHandle, AgentSettings, resolve_target
@@ -40,6 +42,7 @@ from netmirror.wire.stats import (
     AgentReport,
     AgentStatus,
     FilesStatus,
+    ForwardStatus,
     HttpStatus,
     MirrorCounters,
     PortReport,
@@ -135,6 +138,7 @@ class Daemon:
         self.agent_report = AgentReport()
         self._agent_stopping = False
         self._probes_said: set[int] = set()  # ports whose probes the user was told of
+        self._forwards: list[tuple[ForwardConfig, asyncio.AbstractServer, PortStats]] = []
         self.pcap: PcapWriter | None = None
         self.target: Target | None = None
         self.files: FilesMount | None = None
@@ -558,6 +562,15 @@ class Daemon:
             outgoing=self.outgoing.status() if self.outgoing is not None else None,
             pcap=self.pcap.status() if self.pcap is not None else None,
             files=self._files_status(),
+            forwards=[
+                ForwardStatus(
+                    **dataclasses.asdict(stats),
+                    local=f"{forward.local_host}:{forward.local_port}",
+                    to=f"{forward.host}:{forward.port}",
+                    state="listening",
+                )
+                for forward, _server, stats in self._forwards
+            ],
         )
 
     def _files_status(self) -> FilesStatus | None:
@@ -682,7 +695,34 @@ class Daemon:
         task = await self._run_tunnel(tunnel)
         self._announce_mesh()
         await self._subscribe_all(tunnel)
+        await self._start_forwards()
         return task
+
+    async def _start_forwards(self) -> None:
+        """Listen on the local ports of ``port_forward``: each connection reaches its host
+        and port from the target (the agent resolves names as the target does)."""
+        if not self.config.port_forward or self._forwards:
+            return
+        features = self.agent.info.get("features") or [] if self.agent is not None else []
+        if "connect" not in features:
+            raise AgentError("the agent cannot connect for port-forward: use a newer agent image")
+        from netmirror.daemon.exec.outgoing import ForwardBridge
+
+        loop = asyncio.get_running_loop()
+        for forward in self.config.port_forward:
+            stats = PortStats()
+            dst = (forward.host, forward.port)
+            local = f"{forward.local_host}:{forward.local_port}"
+            self.progress.step(f"forwarding {local} to {forward.host}:{forward.port}")
+            try:
+                server = await loop.create_server(
+                    functools.partial(ForwardBridge, self._live_tunnel, stats, dst),
+                    forward.local_host,
+                    forward.local_port,
+                )
+            except OSError as exc:
+                raise AgentError(f"cannot listen on {local}: {exc.strerror or exc}") from None
+            self._forwards.append((forward, server, stats))
 
     def _probe_options(self, remote: int, port: PortConfig) -> dict[str, Any]:
         """How a stolen port's health probes stay with the target (say so once)."""
@@ -801,6 +841,8 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("stopping the session")
+        for _forward, server, _stats in self._forwards:
+            server.close()
         if self.files is not None:
             await self.files.stop()
         if self.outgoing is not None:

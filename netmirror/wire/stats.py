@@ -221,6 +221,15 @@ class FilesStatus:
 
 
 @dataclass
+class ForwardStatus(PortStats):
+    """A local port that reaches a host and port as the target reaches it."""
+
+    local: str = ""
+    to: str = ""
+    state: str = ""
+
+
+@dataclass
 class SessionStatus:
     """What ``netmirror status`` shows of one session."""
 
@@ -237,6 +246,7 @@ class SessionStatus:
     outgoing: OutgoingStatus | None = None
     pcap: PcapStatus | None = None
     files: FilesStatus | None = None
+    forwards: list[ForwardStatus] = field(default_factory=list)
     error: str = ""
     """Why the session did not answer, when it did not."""
 

@@ -398,3 +398,27 @@ def test_the_ports_the_command_listens_on_are_taken_and_given_back(
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
+
+
+def test_port_forward_reaches_a_pod_only_service_by_a_pod_only_name(
+    env: Env, private: Private
+) -> None:
+    local = free_port()
+    name = session_name(env, 1)
+    argv = [sys.executable, "-m", "netmirror", "port-forward", "--target", env.sandbox.target]
+    argv += ["--session", name, "-L", f"{local}:orders-db.internal:{private.http_port}"]
+    proc = subprocess.Popen(argv, env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env.procs.append(proc)
+    assert proc.stdout is not None
+    first = read_line(proc.stdout, 30, "the port-forward did not start")
+    assert first.startswith(f"forwarding 127.0.0.1:{local} -> orders-db.internal:"), first
+    # From this machine, by a name only the pod's hosts file knows.
+    assert _get(f"http://127.0.0.1:{local}/") == "orders from the db\n"
+    assert _get(f"http://127.0.0.1:{local}/") == "orders from the db\n"
+    st = json.loads(env.netmirror("status", "--json", "--session", name, check=True).stdout)
+    (forward,) = st["sessions"][0]["forwards"]
+    assert forward["to"] == f"orders-db.internal:{private.http_port}"
+    assert forward["connections_total"] == 2
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0
+    assert env.netmirror("status", "--json").stdout.count(name) == 0

@@ -65,6 +65,19 @@ class OutgoingBridge(OpeningBridge):
         self.open_stream(tunnel, transport, port=0, dst=dst, info=stream_info(StreamKind.CONNECT))
 
 
+class ForwardBridge(OutgoingBridge):
+    """A connection to a forwarded local port: a stream the agent connects to ``dst``."""
+
+    def __init__(
+        self, tunnel_of: Callable[[], Tunnel | None], stats: PortStats, dst: tuple[str, int]
+    ) -> None:
+        super().__init__(tunnel_of, stats)
+        self._dst = dst
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._open(cast(asyncio.Transport, transport), self._dst)
+
+
 # --- proxy (where transparent redirection is impossible) ----------------------------
 
 

@@ -129,7 +129,7 @@ def test_config_error_is_a_netmirror_error() -> None:
         (
             {"tagret": "netns/x"},
             "tagret: unknown key (expected one of target, session, ports, agent, pcap, "
-            "kubernetes, env, outgoing, files, incoming, steal_probes)",
+            "kubernetes, env, outgoing, files, port_forward, incoming, steal_probes)",
         ),
         (
             {"agent": {"imgae": "x"}},
@@ -911,6 +911,7 @@ def test_json_schema() -> None:
         "env",
         "outgoing",
         "files",
+        "port_forward",
         "incoming",
         "steal_probes",
     ]
