@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,10 +47,15 @@ def say(text: str) -> None:
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run and echo a command as the user would type it."""
-    shown = " ".join(argv).replace(sys.executable + " -m netmirror", "netmirror")
+    # Quoted as a shell would, so the line can be pasted (--http-header '^x-dev: me$').
+    shown = shlex.join(argv).replace(shlex.join([sys.executable, "-m", "netmirror"]), "netmirror")
     print(f"$ {shown}", flush=True)
-    result = subprocess.run(list(argv), text=True, capture_output=True, check=False)
-    out = (result.stdout + result.stderr).rstrip()
+    # One pipe for both: progress lines (stderr) and results (stdout) in the order
+    # they happen, as in a terminal.
+    result = subprocess.run(
+        list(argv), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False
+    )
+    out = result.stdout.rstrip()
     if out:
         print(out, flush=True)
     if check and result.returncode != 0:
