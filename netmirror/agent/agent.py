@@ -291,6 +291,12 @@ class Agent:
                 # Checked under the lock: two tunnels may ask for the same port.
                 held = self.subs.get(req.port)
                 filtered = req.options.get("http_filter") is not None
+                if held is not None and req.options.get("drain") is True:
+                    # The session ends: new connections go to the target's server.
+                    held.draining = True
+                    log.info("port %d: draining, new connections go to the target", req.port)
+                    self._answer(tunnel, req.request_id, req.port, ok=True)
+                    return
                 if held is not None:
                     same = (
                         held.mode == req.mode

@@ -53,15 +53,17 @@ class InboundBridge(OpeningBridge):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         tunnel = self.link.tunnel
-        if (self._refused or tunnel is None or tunnel is not self.tunnel) and self.dst:
+        gone = self._refused or tunnel is None or tunnel is not self.tunnel or self.sub.draining
+        if gone and self.dst:
             # A request from the HTTP router while no daemon is here: refuse it
             # before reading; the router gives it to the original server.
             self._refused = True
             transport.abort()
             return
-        if self._refused or tunnel is None or tunnel is not self.tunnel:
-            # No daemon (it crashed, or the tunnel is reconnecting): rather than
-            # reset the client, let the target's own server answer it.
+        if gone or tunnel is None:
+            # No daemon (it crashed, the tunnel is reconnecting, or the session is
+            # draining): rather than reset the client, let the target's own server
+            # answer it.
             self._refused = True
             relay = PassthroughBridge(self.link, self.sub, self.sub.counters, copy=False)
             transport.set_protocol(relay)

@@ -29,6 +29,9 @@ class Subscription:
     """For a steal of only the HTTP requests that match a filter."""
     keep_from: tuple[str, ...] = ()
     """Source addresses whose connections stay with the target (the kubelet's probes)."""
+    draining: bool = False
+    """The session is ending: new connections go to the target's own server (relayed
+    here, so the rule, and the live connections' NAT, stay as they are)."""
 
     def redirects(self) -> list[Redirect]:
         """The REDIRECT rules this subscription needs (none for capture or HTTP)."""

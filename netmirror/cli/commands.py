@@ -239,8 +239,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     if not sessions:
         print("no sessions running: nothing to do")
         return 0
+    if not 0 <= args.drain <= 600:
+        raise ConfigError(f"--drain {args.drain:g}: must be between 0 and 600 seconds")
+    drain = 0.0 if args.now else args.drain
     for sdir in sessions:
-        stop_session(sdir)
+        stop_session(sdir, drain=drain)
         print(f"session {sdir.name!r} is down")
     return 0
 

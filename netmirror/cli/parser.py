@@ -184,6 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop a session and remove every rule")
     down.add_argument("--session", "-s")
     down.add_argument("--all", action="store_true", help="stop every session")
+    down.add_argument(
+        "--drain",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="stolen connections still open may finish for this long (new ones go to the "
+        "target at once); then they are reset (default 5)",
+    )
+    down.add_argument(
+        "--now", action="store_true", help="reset the stolen connections at once (no drain)"
+    )
 
     status = sub.add_parser("status", help="sessions, ports and counters")
     status.add_argument("--session", "-s")

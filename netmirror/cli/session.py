@@ -37,13 +37,15 @@ SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 CONTROL_TIMEOUT = 3.0
 
 
-def control(sdir: SessionDir, command: str, *, timeout: float = CONTROL_TIMEOUT) -> dict[str, Any]:
+def control(
+    sdir: SessionDir, command: str, *, timeout: float = CONTROL_TIMEOUT, **extra: Any
+) -> dict[str, Any]:
     """One request on a session's control socket."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(sdir.control_socket))
-            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+            sock.sendall(json.dumps({"command": command, **extra}).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)
@@ -262,16 +264,19 @@ def select_sessions(args: argparse.Namespace, *, allow_all: bool) -> list[Sessio
     return live
 
 
-def stop_session(sdir: SessionDir) -> None:
-    """Ask the daemon to end the session, wait for it, kill what is left."""
+def stop_session(sdir: SessionDir, *, drain: float = 0.0) -> None:
+    """Ask the daemon to end the session, wait for it, kill what is left.
+
+    ``drain``: seconds the stolen connections still open may go on (new ones go to
+    the target at once) before they are reset."""
     try:
         record = sdir.read()
     except SessionError:
         sdir.remove()
         return
     try:
-        control(sdir, "down")
-        deadline = time.monotonic() + 15
+        control(sdir, "down", drain=drain)
+        deadline = time.monotonic() + 15 + drain
         while pid_alive(record.daemon_pid, record.daemon_start) and time.monotonic() < deadline:
             time.sleep(0.05)
     except SessionError:

@@ -138,6 +138,7 @@ class Daemon:
         self.agent_report = AgentReport()
         self._agent_stopping = False
         self._probes_said: set[int] = set()  # ports whose probes the user was told of
+        self._drain = 0.0  # seconds stolen connections may finish in, at down
         self._forwards: list[tuple[ForwardConfig, asyncio.AbstractServer, PortStats]] = []
         self.pcap: PcapWriter | None = None
         self.target: Target | None = None
@@ -596,6 +597,9 @@ class Daemon:
                 response = {"ok": True, "status": to_json(self.status())}
             elif command == "down":
                 response = {"ok": True}
+                drain = request.get("drain", 0)
+                if isinstance(drain, int | float) and not isinstance(drain, bool):
+                    self._drain = min(max(float(drain), 0.0), 600.0)
                 self._stop.set()
             else:
                 response = {"ok": False, "error": f"unknown command {command!r}"}
@@ -839,6 +843,29 @@ class Daemon:
                 delay = min(delay * 2, BACKOFF_MAX)
         return None
 
+    async def _drain_stolen(self) -> None:
+        """At down: new connections go to the target at once, and those still open may
+        finish, for ``--drain`` seconds. The agent keeps its rules meanwhile (removing
+        them would cut the live connections' NAT) and relays the new ones itself."""
+        stolen = [remote for remote, port in self.ports.items() if port.mode == "steal"]
+        tunnel = self._live_tunnel()
+
+        def still_open() -> int:
+            return sum(self.stats[r].connections_open for r in stolen if r in self.stats)
+
+        if self._drain <= 0 or tunnel is None or not still_open():
+            return
+        log.info("draining: %d connection(s) may finish", still_open())
+        for remote in stolen:
+            tunnel.conn.subscribe(remote, "steal", {"drain": True})
+        tunnel.kick()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._drain
+        while still_open() and loop.time() < deadline:  # noqa: ASYNC110 - counters, no event
+            await asyncio.sleep(0.05)
+        if still_open():
+            log.info("%d connection(s) still open after the drain: reset", still_open())
+
     async def _shutdown(self) -> None:
         log.info("stopping the session")
         for _forward, server, _stats in self._forwards:
@@ -847,6 +874,7 @@ class Daemon:
             await self.files.stop()
         if self.outgoing is not None:
             await self.outgoing.stop()
+        await self._drain_stolen()
         # The agent first: it removes its rules before it closes its listeners and
         # the tunnel, so new connections go straight back to the target.
         if self.agent is not None:

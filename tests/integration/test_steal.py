@@ -9,6 +9,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -307,3 +308,50 @@ def test_a_mirrord_config_file_is_taken_as_it_is(env: Env, tmp_path: Path) -> No
         "netmirror: warning: mirrord key 'telemetry' ignored: netmirror has no equivalent"
     )
     assert curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/").stdout == "local v2\n"
+
+
+def test_down_lets_live_connections_finish_and_sends_new_ones_to_the_target(env: Env) -> None:
+    env.server("http", POD_PORT, in_pod=True, text="pod v1\n")
+    local = free_port()
+    env.server("echo", local, in_pod=False)
+    env.up("--steal", f"{POD_PORT}:{local}")
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    with socket.create_connection((env.sandbox.pod_ip, POD_PORT), timeout=5) as live:
+        live.sendall(b"first")
+        assert live.recv(100) == b"first"  # the local echo server: stolen
+        started = time.monotonic()
+        down = subprocess.Popen(
+            [sys.executable, "-m", "netmirror", "down", "--session", "t1", "--drain", "20"],
+            env=env.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        env.procs.append(down)
+        # New connections reach the target at once...
+        eventually(lambda: curl(url).stdout == "pod v1\n", 5, "new connections went on stolen")
+        # ...while the live one still goes on, stolen.
+        live.sendall(b"second")
+        assert live.recv(100) == b"second"
+    # Closed: down finishes without waiting for the rest of the drain.
+    assert down.wait(15) == 0
+    assert time.monotonic() - started < 15
+    assert curl(url).stdout == "pod v1\n"
+
+
+def test_down_now_resets_live_connections_at_once(env: Env) -> None:
+    env.server("http", POD_PORT, in_pod=True, text="pod v1\n")
+    local = free_port()
+    env.server("echo", local, in_pod=False)
+    env.up("--steal", f"{POD_PORT}:{local}")
+    with socket.create_connection((env.sandbox.pod_ip, POD_PORT), timeout=5) as live:
+        live.sendall(b"first")
+        assert live.recv(100) == b"first"
+        started = time.monotonic()
+        env.netmirror("down", "--session", "t1", "--now", check=True)
+        assert time.monotonic() - started < 10
+        # The connection is over: reset, or closed, but never answered by the echo.
+        try:
+            live.sendall(b"again")
+            assert live.recv(100) == b""
+        except OSError:
+            pass
