@@ -241,7 +241,10 @@ def read_dialect(path: Path) -> tuple[dict[str, Any], str, list[Note]]:
     data = load_file(path)
     if not is_mirrord(data):
         return data, "netmirror", []
-    converted, notes = convert(data)
+    try:
+        converted, notes = convert(data)
+    except (TypeError, ValueError, AttributeError) as exc:  # a shape no mapping foresaw
+        raise ConfigError(_one_line(f"{path}: cannot read this mirrord config: {exc}")) from None
     return converted, "mirrord", notes
 
 

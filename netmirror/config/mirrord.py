@@ -83,6 +83,20 @@ class _Converter:
     def ignored(self, key: str, why: str = "") -> None:
         self.notes.append(Note(key, None, why))
 
+    def ints(self, key: str, value: Any) -> list[int]:
+        """A list of ports; anything else is a note and nothing."""
+        items = value if isinstance(value, list) else None
+        if items is None or not all(_is_int(item) for item in items):
+            self.ignored(key, f"not a list of port numbers: {value!r:.40}")
+            return []
+        return [int(item) for item in items]
+
+    def text(self, key: str, value: Any) -> str | None:
+        if isinstance(value, str) and value:
+            return value
+        self.ignored(key, f"not a string: {value!r:.40}")
+        return None
+
     def section(self, name: str) -> dict[str, Any]:
         return self.out.setdefault(name, {})  # type: ignore[no-any-return]
 
@@ -97,8 +111,9 @@ class _Converter:
             elif key == "agent":
                 self.agent(value)
             elif key == "kube_context":
-                self.section("kubernetes")["context"] = value
-                self.mapped(key, "kubernetes.context")
+                if (context := self.text(key, value)) is not None:
+                    self.section("kubernetes")["context"] = context
+                    self.mapped(key, "kubernetes.context")
             elif key == "kubeconfig":
                 self.ignored(key, "set KUBECONFIG in the environment instead")
             else:
@@ -112,8 +127,9 @@ class _Converter:
                 if key == "path":
                     self.target_path("target.path", item)
                 elif key == "namespace":
-                    self.section("kubernetes")["namespace"] = item
-                    self.mapped("target.namespace", "kubernetes.namespace")
+                    if (namespace := self.text("target.namespace", item)) is not None:
+                        self.section("kubernetes")["namespace"] = namespace
+                        self.mapped("target.namespace", "kubernetes.namespace")
                 else:
                     self.ignored(f"target.{key}")
         else:
@@ -122,6 +138,9 @@ class _Converter:
     def target_path(self, key: str, value: Any) -> None:
         if value == "targetless" or value is None:
             self.ignored(key, "netmirror needs a target (targetless is not supported yet)")
+            return
+        if not isinstance(value, str):
+            self.ignored(key, f"not a string: {value!r:.40}")
             return
         if isinstance(value, str) and "/" not in value:
             value = f"pod/{value}"  # mirrord takes a bare pod name
@@ -135,11 +154,15 @@ class _Converter:
         for key, item in value.items():
             if key == "image":
                 image = item.get("name") if isinstance(item, Mapping) else item
-                self.section("agent")["image"] = image
-                self.mapped("agent.image", "agent.image")
+                if (name := self.text("agent.image", image)) is not None:
+                    self.section("agent")["image"] = name
+                    self.mapped("agent.image", "agent.image")
             elif key == "ttl":
-                self.section("agent")["ttl"] = item
-                self.mapped("agent.ttl", "agent.ttl")
+                if isinstance(item, int | float) and not isinstance(item, bool):
+                    self.section("agent")["ttl"] = item
+                    self.mapped("agent.ttl", "agent.ttl")
+                else:
+                    self.ignored("agent.ttl", f"not a number: {item!r:.40}")
             elif key == "ephemeral":
                 self.section("agent")["mode"] = "ephemeral" if item else "job"
                 self.mapped("agent.ephemeral", "agent.mode")
@@ -193,11 +216,14 @@ class _Converter:
         elif "mode" in settings:
             self.mapped(f"{base}.mode", "ports[].mode")
         mapping: dict[int, int] = {}
-        for pair in settings.get("port_mapping") or []:
-            if isinstance(pair, list | tuple) and len(pair) == 2:
+        pairs = settings.get("port_mapping") or []
+        for pair in pairs if isinstance(pairs, list) else [pairs]:
+            if isinstance(pair, list) and len(pair) == 2 and all(map(_is_int, pair)):
                 mapping[int(pair[1])] = int(pair[0])  # [local, remote]
-        ignore = {int(p) for p in settings.get("ignore_ports") or []}
-        ports = [int(p) for p in settings.get("ports") or []]
+            else:
+                self.ignored(f"{base}.port_mapping", f"not a [local, remote] pair: {pair!r:.40}")
+        ignore = set(self.ints(f"{base}.ignore_ports", settings.get("ignore_ports") or []))
+        ports = self.ints(f"{base}.ports", settings.get("ports") or [])
         http = settings.get("http_filter")
         http_filter, http_ports = self.http_filter(http) if http is not None else (None, [])
         for port in http_ports:
@@ -247,7 +273,7 @@ class _Converter:
                 parts.append({key: [part for part in inner if part is not None]})
                 self.mapped(f"{base}.{key}", f"ports[].http_filter.{key}")
             elif key == "ports":
-                ports = [int(p) for p in item or []]
+                ports = self.ints(f"{base}.ports", item or [])
                 self.mapped(f"{base}.ports", "ports[]")
             else:
                 self.ignored(f"{base}.{key}")
@@ -281,8 +307,10 @@ class _Converter:
                     self.ignored(f"{base}.udp", "outgoing UDP other than DNS is not supported yet")
             elif key == "filter" and isinstance(item, Mapping):
                 for side, target in (("remote", "include"), ("local", "exclude")):
-                    networks = [n for n in item.get(side) or [] if _network(n)]
-                    others = [n for n in item.get(side) or [] if not _network(n)]
+                    entries = item.get(side) or []
+                    entries = entries if isinstance(entries, list) else [entries]
+                    networks = [n for n in entries if _network(n)]
+                    others = [n for n in entries if not _network(n)]
                     if networks:
                         self.section("outgoing")[target] = [_network(n) for n in networks]
                         self.mapped(f"{base}.filter.{side}", f"outgoing.{target}")
@@ -306,7 +334,7 @@ class _Converter:
             return
         for key, item in value.items():
             if key in ("include", "exclude"):
-                self.section("env")[key] = _patterns(item)
+                self.section("env").setdefault(key, []).extend(_patterns(item))
                 self.mapped(f"{base}.{key}", f"env.{key}")
             elif key == "override" and isinstance(item, Mapping):
                 self.section("env")["override"] = {str(k): str(v) for k, v in item.items()}
@@ -352,10 +380,18 @@ def _network(value: Any) -> str | None:
 
 
 def _patterns(value: Any) -> list[str]:
-    """mirrord's ``"A;B*"`` or list of patterns."""
+    """mirrord's ``"A;B*"`` or list of patterns (anything else: none)."""
     if isinstance(value, str):
         return [part for part in value.split(";") if part]
-    return [str(part) for part in value or []]
+    if isinstance(value, list):
+        return [part for part in value if isinstance(part, str) and part]
+    return []
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and value.isdigit())
 
 
 _PATH = re.compile(r"\^?(/[A-Za-z0-9._/-]*?)(/\.\*|\.\*)?\$?")

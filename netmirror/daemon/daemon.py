@@ -138,6 +138,8 @@ class Daemon:
         self.agent_report = AgentReport()
         self._agent_stopping = False
         self._probes_said: set[int] = set()  # ports whose probes the user was told of
+        self._dynamic: set[int] = set()  # ports taken because the exec command listens
+        self._subscribing = asyncio.Lock()  # one (re)subscription round at a time
         self._drain = 0.0  # seconds stolen connections may finish in, at down
         self._forwards: list[tuple[ForwardConfig, asyncio.AbstractServer, PortStats]] = []
         self.pcap: PcapWriter | None = None
@@ -407,11 +409,20 @@ class Daemon:
         return tunnel
 
     async def _subscribe_all(self, tunnel: Tunnel) -> None:
-        for remote, port in list(self.ports.items()):
-            self.progress.step(
-                f"taking port {remote} ({port.mode} -> {port.local_host}:{port.local_port})"
-            )
-            await self._subscribe_one(tunnel, remote, port)
+        async with self._subscribing:
+            for remote, port in list(self.ports.items()):
+                self.progress.step(
+                    f"taking port {remote} ({port.mode} -> {port.local_host}:{port.local_port})"
+                )
+                try:
+                    await self._subscribe_one(tunnel, remote, port)
+                except AgentError as exc:
+                    if remote not in self._dynamic:
+                        raise
+                    # A port the command listens on: not worth failing the session for.
+                    log.warning("the command's port %d is not taken again: %s", remote, exc)
+                    self._dynamic.discard(remote)
+                    self.ports.pop(remote, None)
 
     async def _subscribe_one(self, tunnel: Tunnel, remote: int, port: PortConfig) -> None:
         """Take one port in the agent; AgentError if it refuses or does not answer."""
@@ -446,13 +457,13 @@ class Daemon:
                 return {int(pid) for pid in text.split()}
             except OSError:
                 pass
-        return descendants(int(self.exec["owner_pid"]))
+        # The exec process's tree, without this daemon's (its listeners are netmirror's).
+        return descendants(int(self.exec["owner_pid"])) - descendants(os.getpid())
 
     async def _watch_listeners(self) -> None:
         """Apply the incoming mode to the ports the command listens on, as they come
         (within LISTEN_POLL) and go."""
         incoming = self.config.incoming
-        taken: dict[int, int] = {}  # remote -> local, taken here
         refused: set[int] = set()  # remote ports the agent would not take: said once
         while True:
             await asyncio.sleep(LISTEN_POLL)
@@ -463,33 +474,43 @@ class Daemon:
                 for local in ports
                 if local not in incoming.ignore_ports
             }
+            refused &= set(wanted)  # closed and opened again: tried again
             tunnel = self._live_tunnel()
             if tunnel is None:
-                continue  # a reconnect subscribes self.ports again
-            for remote, local in sorted(wanted.items()):
-                if remote in taken or remote in refused or remote in self.ports:
-                    continue
-                port = PortConfig(remote=remote, mode=incoming.mode, local=local)
-                self.ports[remote] = port
-                self.stats.setdefault(remote, PortStats())
-                self.port_state[remote] = "pending"
-                try:
-                    await self._subscribe_one(tunnel, remote, port)
-                except AgentError as exc:
-                    refused.add(remote)
-                    del self.ports[remote]
-                    log.warning("the command listens on %d, but %s", local, exc)
-                    continue
-                taken[remote] = local
-                log.info("the command listens on %d: %s port %d", local, port.mode, remote)
-            for remote in [r for r in taken if r not in wanted]:
-                del taken[remote]
-                self.ports.pop(remote, None)
-                self.port_state[remote] = "off"
-                tunnel.conn.unsubscribe(remote)
-                tunnel.kick()
-                log.info("the command closed port %d: port %d given back", remote, remote)
-            refused &= set(wanted)  # closed and opened again: tried again
+                continue  # the reconnect subscribes self.ports again
+            async with self._subscribing:
+                await self._follow_listeners(tunnel, wanted, refused)
+
+    async def _follow_listeners(
+        self, tunnel: Tunnel, wanted: dict[int, int], refused: set[int]
+    ) -> None:
+        mode = self.config.incoming.mode
+        for remote, local in sorted(wanted.items()):
+            if remote in refused or remote in self.ports:
+                continue
+            port = PortConfig(remote=remote, mode=mode, local=local)
+            self.ports[remote] = port
+            self._dynamic.add(remote)
+            self.stats.setdefault(remote, PortStats())
+            self.port_state[remote] = "pending"
+            try:
+                await self._subscribe_one(tunnel, remote, port)
+            except AgentError as exc:
+                if self._live_tunnel() is not tunnel:
+                    return  # lost meanwhile: the reconnect takes it, with the others
+                refused.add(remote)
+                self._dynamic.discard(remote)
+                del self.ports[remote]
+                log.warning("the command listens on %d, but %s", local, exc)
+                continue
+            log.info("the command listens on %d: %s port %d", local, mode, remote)
+        for remote in [r for r in self._dynamic if r not in wanted]:
+            self._dynamic.discard(remote)
+            self.ports.pop(remote, None)
+            self.port_state[remote] = "off"
+            tunnel.conn.unsubscribe(remote)
+            tunnel.kick()
+            log.info("the command closed port %d: given back", remote)
 
     async def _run_tunnel(self, tunnel: Tunnel) -> asyncio.Task[str]:
         task = self.tasks.spawn(tunnel.run(), name="tunnel")
@@ -737,6 +758,19 @@ class Daemon:
         if port.http_filter is not None:
             return {"keep_probes": True}  # the router tells them by their User-Agent
         sources = (target.probe_sources if target is not None else None) or []
+        mesh = self._mesh()
+        if mesh is not None and mesh.known:
+            # Behind the sidecar every connection comes from the proxy, probes too (the
+            # mesh rewrites them): they cannot be told apart by address.
+            if remote not in self._probes_said:
+                self._probes_said.add(remote)
+                self.progress.warn(
+                    f"port {remote}: behind the {mesh.describe().split(' (')[0]} the kubelet's"
+                    f" probes ({', '.join(probes)}) reach the application through the proxy,"
+                    " so a whole-port steal takes them too; a filtered steal (--http-header)"
+                    " keeps httpGet probes with the target"
+                )
+            return {}
         if not sources:
             return {}
         if remote not in self._probes_said:
@@ -761,10 +795,16 @@ class Daemon:
             where = "the local process (--steal-probes)"
         elif port.http_filter is not None:
             where = "the target (told apart by their User-Agent)"
+        elif (mesh := self._mesh()) is not None and mesh.known:
+            where = "the local process (behind the mesh's proxy they cannot be told apart)"
         else:
             sources = ", ".join((target.probe_sources if target is not None else None) or [])
             where = f"the target (connections from {sources or 'the node'})"
         return f"{'; '.join(probes)}: go to {where}"
+
+    def _mesh(self) -> Mesh | None:
+        """The mesh the agent found in the target's namespace, if any."""
+        return Mesh.from_json(self.agent.info.get("mesh")) if self.agent is not None else None
 
     def _announce_mesh(self) -> None:
         """Say which mesh the agent found, and where netmirror hooked because of it."""
@@ -814,6 +854,11 @@ class Daemon:
                 )
                 return
             log.warning("tunnel lost (%s); reconnecting", reason)
+            # Answers the lost tunnel owed will not come: their askers hear it now.
+            for future in self._answers.values():
+                if not future.done():
+                    future.set_exception(AgentError("the tunnel to the agent was lost"))
+            self._answers.clear()
             self.state = "reconnecting"
             for remote in self.port_state:
                 self.port_state[remote] = "pending"

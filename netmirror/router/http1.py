@@ -592,10 +592,9 @@ class Relay:
     def _pump_request_head(self) -> None:
         """Parse the next request's head from the held bytes, as far as it came."""
         if self._reader is None:
-            if self._routed:
-                # Empty lines between requests are tolerated (RFC 9112, section 2.2).
-                skip = len(self._raw) - len(self._raw.lstrip(_BLANK))
-                del self._raw[:skip]
+            # Empty lines before a request are tolerated (RFC 9112, section 2.2).
+            skip = len(self._raw) - len(self._raw.lstrip(_BLANK))
+            del self._raw[:skip]
             if not self._raw:
                 if self._client_eof:
                     self._check_client_eof()

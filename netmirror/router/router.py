@@ -247,7 +247,11 @@ class Router:
             now = loop.time()
             for client in list(self.clients):
                 if client.idle_since is not None and now - client.idle_since > IDLE_TIMEOUT:
-                    client.expire()
+                    try:
+                        client.expire()
+                    except Exception:  # one connection's bug must not stop the sweep
+                        log.exception("closing an idle connection")
+                        client.abort()
 
     # --- life ---------------------------------------------------------------------------
 
@@ -325,6 +329,7 @@ class Upstream(asyncio.Protocol):
         self.backlog: list[bytes] = []
         self.closed = False
         self.cancelled = False  # closed by us while it was still connecting
+        self.paused = False  # its write buffer is over the high-water mark
         self._ended = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -373,12 +378,14 @@ class Upstream(asyncio.Protocol):
                 self.owner.upstream_ended(self, exc)
 
     def pause_writing(self) -> None:
+        self.paused = True
         if self.owner is not None:
-            self.owner.upstream_full(True)
+            self.owner.upstream_full()
 
     def resume_writing(self) -> None:
+        self.paused = False
         if self.owner is not None:
-            self.owner.upstream_full(False)
+            self.owner.upstream_full()
 
     def close(self) -> None:
         self.owner = None
@@ -415,7 +422,6 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since: float | None = None
         """The loop's time since when the connection waits between requests."""
         self._reading = True  # whether the client's transport is being read
-        self._upstream_full = False  # the attached upstream's write buffer is full
         self._upgrading = False  # waiting to know whether the server speaks HTTP/2
         self._connecting: asyncio.Task[None] | None = None
 
@@ -604,8 +610,6 @@ class ClientConnection(asyncio.Protocol):
         for target, kept in list(self.kept.items()):
             if kept is up:
                 del self.kept[target]
-        if up is self.upstream:
-            self._upstream_full = False  # what it held is gone
         if up is not self.upstream or self.done:
             return
         if self.piping:
@@ -665,16 +669,22 @@ class ClientConnection(asyncio.Protocol):
                 self._close(action.reset)
         self._update_reading()
 
-    def upstream_full(self, full: bool) -> None:
-        """The upstream's write buffer filled up (or drained): stop (or go on) reading."""
-        self._upstream_full = full
+    def upstream_full(self) -> None:
+        """An upstream's write buffer filled up or drained: stop or go on reading."""
         self._update_reading()
+
+    def _upstream_is_full(self) -> bool:
+        """Whether an upstream the client's bytes go to cannot take more now."""
+        if self.h2 is not None:
+            return any(up.paused and not up.closed for up in self.h2.ups.values())
+        up = self.upstream
+        return up is not None and up.paused and not up.closed
 
     def _update_reading(self) -> None:
         """Read the client only while the relay wants its bytes and the upstream takes them."""
         if self.transport is None or self.done:
             return
-        want = not self._upstream_full and not self._upgrading
+        want = not self._upgrading and not self._upstream_is_full()
         if want and self.h2 is None and not self.piping:
             want = self.relay.want_client_data
         if want != self._reading:
@@ -721,7 +731,6 @@ class ClientConnection(asyncio.Protocol):
     def _use(self, up: Upstream) -> None:
         up.owner = self
         self.upstream = up
-        self._upstream_full = False  # a new upstream: it says so if it fills up
         for chunk in self.pending:
             up.write(chunk)
         self.pending.clear()
@@ -747,7 +756,6 @@ class ClientConnection(asyncio.Protocol):
     def _release(self, reusable: bool) -> None:
         up = self.upstream
         self.upstream = None
-        self._upstream_full = False
         if not self.done:
             # Back to waiting for a request: a keep-alive connection idle for long goes.
             self.idle_since = asyncio.get_running_loop().time()
@@ -793,8 +801,8 @@ class H2Handler:
     def transport(self) -> asyncio.Transport | None:
         return self.conn.transport
 
-    def upstream_full(self, full: bool) -> None:
-        self.conn.upstream_full(full)
+    def upstream_full(self) -> None:
+        self.conn.upstream_full()
 
     def client_data(self, data: bytes) -> None:
         self.relay.client_data(data)
@@ -813,7 +821,7 @@ class H2Handler:
         if self.ups.get(up.target) is not up:
             return  # replaced or closed on purpose: the relay must not hear of it
         del self.ups[up.target]
-        self.conn._upstream_full = False  # what it held is gone
+        self.conn._update_reading()  # what it held is gone
         self.pending.pop(up.target, None)
         if exc is not None:
             self.relay.upstream_failed(up.target, str(exc))
@@ -852,6 +860,7 @@ class H2Handler:
                 self.close_upstreams()
                 conn._close(action.reset)
         self._watch_idle()
+        conn._update_reading()  # an upstream that was full may be gone
 
     def _watch_idle(self) -> None:
         """No stream for IDLE_TIMEOUT seconds: the connection is closed (by the sweep)."""

@@ -121,3 +121,47 @@ def test_a_mirrord_file_builds_a_config_with_its_notes(tmp_path: Path) -> None:
 def test_odd_values_are_ignored_with_a_note_not_a_crash(bad: dict[str, object]) -> None:
     _out, notes = convert(bad)
     assert notes and all(n.mapped_to is None for n in notes)
+
+
+def test_wrong_shapes_are_notes_never_errors() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+        ),
+        max_leaves=12,
+    )
+    keys = st.sampled_from(
+        ["ports", "port_mapping", "ignore_ports", "http_filter", "mode", "outgoing", "env"]
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(keys, json_values, max_size=4), json_values, json_values)
+    def check(incoming: dict[str, object], env: object, agent: object) -> None:
+        convert(
+            {
+                "target": "deployment/web",
+                "feature": {"network": {"incoming": incoming, "outgoing": env}, "env": env},
+                "agent": agent,
+                "kube_context": agent,
+            }
+        )
+
+    check()
+
+
+def test_strings_where_lists_belong_are_not_read_letter_by_letter() -> None:
+    out, notes = convert(
+        {
+            "feature": {
+                "network": {"incoming": {"mode": "steal", "ports": [80], "ignore_ports": "80"}},
+                "env": {"unset": "B", "exclude": "A"},
+            }
+        }
+    )
+    assert out["ports"] == [{"remote": 80, "mode": "steal"}]  # the bad ignore_ports is a note
+    assert "feature.network.incoming.ignore_ports" in {n.key for n in notes if n.mapped_to is None}
+    assert out["env"]["exclude"] == ["B", "A"] or out["env"]["exclude"] == ["A", "B"]

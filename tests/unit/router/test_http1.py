@@ -1084,3 +1084,12 @@ def test_garbage_never_raises_and_actions_stay_well_formed(
     if to_client.endswith(BAD_GATEWAY):
         to_client = to_client[: -len(BAD_GATEWAY)]
     assert is_subsequence(to_client, from_upstream)
+
+
+def test_empty_lines_before_the_first_request_are_dropped() -> None:
+    conn = Conn()
+    assert conn.send(b"\r\n") == []
+    conn.send(b"\r\n" + req(to="alice"))
+    conn.answer(OK)
+    assert conn.sent == [req(to="alice")]
+    assert conn.client == OK
