@@ -213,8 +213,7 @@ class _Converter:
         if mode not in ("steal", "mirror", "off"):
             self.ignored(f"{base}.mode", f"unknown mode {mode!r}")
             mode = "mirror"
-        elif "mode" in settings:
-            self.mapped(f"{base}.mode", "ports[].mode")
+        given_mode = "mode" in settings and mode == settings.get("mode")
         mapping: dict[int, int] = {}
         pairs = settings.get("port_mapping") or []
         for pair in pairs if isinstance(pairs, list) else [pairs]:
@@ -248,6 +247,8 @@ class _Converter:
             ):
                 entry["http_filter"] = http_filter
             entries.append(entry)
+        if given_mode:
+            self.mapped(f"{base}.mode", "ports[].mode" if ports else "incoming.mode")
         if not ports:
             # exec applies the mode to the ports the command listens on.
             incoming = self.section("incoming")
