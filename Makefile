@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEBIAN_PACKAGES := iproute2 iptables curl iperf3 socat procps tcpdump libpcap0.8 python3-venv \
-	fuse3 libfuse3-dev pkg-config gcc python3-dev apache2-utils
+	fuse3 libfuse3-dev pkg-config gcc python3-dev apache2-utils bind9-dnsutils
 # Commands whose absence means the Debian packages above must be installed.
-NEEDED_COMMANDS := ip iptables iptables-legacy curl iperf3 socat pgrep tcpdump fusermount3 gcc pkg-config ab
+NEEDED_COMMANDS := ip iptables iptables-legacy curl iperf3 socat pgrep tcpdump fusermount3 gcc pkg-config ab dig
 
 .PHONY: deps system-deps image-deps demo test lint bench clean agent-image
 

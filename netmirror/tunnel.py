@@ -508,3 +508,94 @@ class Tunnel:
                     bridge.resume_after_output()
             if self._closed and not conn.pending_output:
                 return
+
+
+class DatagramStream:
+    """One UDP association <-> one tunnel stream of datagram records.
+
+    UDP has no back-pressure: a datagram that finds the stream's send window full
+    is dropped (and counted), as a full socket buffer would drop it. What comes in
+    is handed to ``deliver`` at once, so credit goes straight back.
+    """
+
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        stats: PortStats,
+        stream_id: int,
+        *,
+        deliver: Callable[[str, int, bytes], None],
+        closed: Callable[[], None],
+    ) -> None:
+        from netmirror.wire.datagrams import DatagramDecoder
+
+        self.tunnel = tunnel
+        self.stats = stats
+        self.stream_id = stream_id
+        self._deliver = deliver
+        self._closed_cb = closed
+        self._decoder = DatagramDecoder()
+        self.dropped = 0
+        self.open = True
+
+    def send(self, host: str, port: int, payload: bytes) -> bool:
+        """Send one datagram to the other end; False if it was dropped."""
+        from netmirror.wire.datagrams import encode_datagram
+
+        if not self.open:
+            return False
+        record = encode_datagram(host, port, payload)
+        conn = self.tunnel.conn
+        if conn.send_window(self.stream_id) < len(record):
+            self.dropped += 1
+            return False
+        conn.send_data(self.stream_id, record)
+        self.stats.bytes_out += len(payload)
+        self.tunnel.kick()
+        return True
+
+    def close(self, reason: str = "closed") -> None:
+        """End the association here and at the other end."""
+        if not self.open:
+            return
+        if self.tunnel.conn.is_open(self.stream_id):
+            self.tunnel.conn.reset(self.stream_id, reason)
+            self.tunnel.kick()
+        self._end()
+
+    def _end(self) -> None:
+        if self.open:
+            self.open = False
+            self.tunnel.forget(self)
+            self._closed_cb()
+
+    # --- Endpoint ----------------------------------------------------------------
+
+    def on_data(self, data: bytes | memoryview) -> None:
+        try:
+            datagrams = self._decoder.feed(data)
+        except ValueError as exc:
+            log.warning("UDP stream %d: %s; closing it", self.stream_id, exc)
+            self.close(f"bad datagram record: {exc}")
+            return
+        self.tunnel.conn.grant(self.stream_id, len(data))
+        self.tunnel.kick()
+        for host, port, payload in datagrams:
+            self.stats.bytes_in += len(payload)
+            self._deliver(host, port, payload)
+
+    def on_credit(self) -> None:
+        pass
+
+    def on_half_closed(self) -> None:
+        self.close()
+
+    def on_reset(self, reason: str) -> None:
+        log.debug("UDP stream %d reset by peer: %s", self.stream_id, reason)
+        self._end()
+
+    def pause_for_output(self) -> None:
+        pass  # datagrams are dropped instead, when the window is full
+
+    def resume_after_output(self) -> None:
+        pass

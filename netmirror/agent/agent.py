@@ -33,6 +33,7 @@ from netmirror.agent.mirror.passthrough import PassthroughBridge
 from netmirror.agent.options import AgentOptions
 from netmirror.agent.subscription import Subscription
 from netmirror.agent.target_process import find_target_pid, read_environment, resolver_dirs
+from netmirror.agent.udp import UdpAssociation
 from netmirror.errors import AgentError, NetmirrorError, PortInUseError, ProtocolError
 from netmirror.net.sockets import listen_any_port, tune_tunnel_socket
 from netmirror.netfilter import Backend, IptablesNat, list_sessions, router_session, session_alive
@@ -55,7 +56,7 @@ TICK = 0.25
 WS_HEARTBEAT = 10.0
 RESOLVER_REFRESH = 5.0
 #: What this agent offers besides ports, announced in its welcome.
-FEATURES = ("connect", "resolve", "environ", "files")
+FEATURES = ("connect", "resolve", "environ", "files", "udp")
 
 
 class Agent:
@@ -194,6 +195,10 @@ class Agent:
                     bridge.connect(event.original_dst, self._addresses),
                     name=f"connect-{event.stream_id}",
                 )
+                return
+            case StreamKind.UDP:
+                # The exec command's datagrams from one of its sockets.
+                UdpAssociation(tunnel, self.outgoing, event.stream_id)
                 return
             case StreamKind.FILE_READ:
                 self.tasks.spawn(

@@ -180,6 +180,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         overrides["incoming_mode"] = args.incoming
     if args.outgoing_method:
         overrides["outgoing_method"] = args.outgoing_method
+    if args.no_outgoing_udp:
+        overrides["outgoing_udp"] = False
     config = _config(args, **overrides)
     owner = {"owner_pid": os.getpid(), "owner_start": pid_start(os.getpid()) or 0}
     sdir = new_session(config, extra={"exec": owner})

@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave the command's outgoing traffic and DNS alone",
     )
+    run.add_argument(
+        "--no-outgoing-udp",
+        action="store_true",
+        help="send only the command's TCP and DNS through the target; its other UDP stays here",
+    )
     run.add_argument("argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     ls = sub.add_parser("ls", help="Kubernetes targets you can use, with their ports")

@@ -85,6 +85,22 @@ def status_lines(st: SessionStatus) -> list[str]:
             f"  files: the target's root at {fs.root} (read-only{writable}; "
             f"{fs.requests} requests, {format_bytes(fs.bytes_read)} read)"
         )
+    if st.outgoing is not None:
+        o = st.outgoing
+        routed = "; its own routes" if o.routed else ""
+        lines.append(
+            f"  outgoing ({o.method}{routed}): {o.connections_total}/{o.connections_open} "
+            f"TCP connections, {format_bytes(o.bytes_in)} sent, "
+            f"{format_bytes(o.bytes_out)} received, {o.errors} errors; "
+            f"DNS {o.dns_queries} queries, {o.dns_failures} failed"
+        )
+        if o.udp_associations or o.udp_datagrams_out:
+            lines.append(
+                f"          UDP: {o.udp_associations} sockets, {o.udp_datagrams_out} datagrams"
+                f" sent, {o.udp_datagrams_in} answers"
+            )
+        if o.last_error:
+            lines.append(f"          last error: {o.last_error}")
     for fw in st.forwards:
         lines.append(
             f"  forward {fw.local} -> {fw.to} (from the target): {fw.connections_total}"

@@ -26,7 +26,7 @@ def say_exec(session: str, outcome: dict[str, Any], command: list[str], env_pid:
     status = status_of(outcome.get("status", {}))
     parts = [port_line(p) for p in status.ports]
     if outcome.get("exec", {}).get("cgroup"):
-        parts.append("outgoing TCP and DNS through the target")
+        parts.append("outgoing TCP, UDP and DNS through the target")
     elif outcome.get("exec", {}).get("proxy_env"):
         parts.append("outgoing through the target for programs that use ALL_PROXY/HTTP_PROXY")
     if env_pid:

@@ -218,6 +218,8 @@ class Overrides:
     outgoing_exclude: Sequence[str] = ()
     outgoing_method: str | None = None
     """Sets ``outgoing.method``."""
+    outgoing_udp: bool | None = None
+    """Sets ``outgoing.udp``."""
     files: bool | None = None
     """Sets ``files.enabled``."""
     files_ro: Sequence[str] = ()
@@ -370,6 +372,8 @@ def build_config(
     add_items(("outgoing", "exclude"), flags.outgoing_exclude, replace=False)
     if flags.outgoing_method is not None:
         put(("outgoing", "method"), flags.outgoing_method, "outgoing.method")
+    if flags.outgoing_udp is not None:
+        put(("outgoing", "udp"), flags.outgoing_udp, "outgoing.udp")
 
     if flags.files is not None:
         put(("files", "enabled"), flags.files, "--files")

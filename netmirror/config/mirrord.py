@@ -304,8 +304,8 @@ class _Converter:
                 self.section("outgoing")["enabled"] = bool(item)
                 self.mapped(f"{base}.tcp", "outgoing.enabled")
             elif key == "udp":
-                if item:
-                    self.ignored(f"{base}.udp", "outgoing UDP other than DNS is not supported yet")
+                self.section("outgoing")["udp"] = bool(item)
+                self.mapped(f"{base}.udp", "outgoing.udp")
             elif key == "filter" and isinstance(item, Mapping):
                 for side, target in (("remote", "include"), ("local", "exclude")):
                     entries = item.get(side) or []

@@ -443,6 +443,12 @@ class OutgoingConfig(BaseModel):
         description="Resolve host names with the target's resolver (its /etc/resolv.conf "
         "and search domains), so cluster-internal names work.",
     )
+    udp: bool = Field(
+        default=True,
+        description="Send the command's UDP (other than DNS, which 'dns' decides) from the "
+        "target too: each of its sockets gets one socket in the target, and the answers "
+        "come back to it. Transparent method only.",
+    )
     method: Literal["auto", "transparent", "proxy"] = Field(
         default="auto",
         description="'transparent' redirects the command's TCP and DNS with iptables rules "

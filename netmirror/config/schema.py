@@ -140,6 +140,8 @@ def dump_example() -> str:
         "    - 192.168.0.0/16",
         *_comment(OutgoingConfig, "dns", "  "),
         f"  dns: {_scalar(outgoing.dns)}",
+        *_comment(OutgoingConfig, "udp", "  "),
+        f"  udp: {_scalar(outgoing.udp)}",
         *_comment(OutgoingConfig, "method", "  "),
         f"  method: {_scalar(outgoing.method)}",
         "",

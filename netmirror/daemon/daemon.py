@@ -188,7 +188,7 @@ class Daemon:
                 tunnel.kick()
             case StreamKind.STOLEN | StreamKind.MIRROR:
                 self._open_connection(tunnel, event, copy=kind is StreamKind.MIRROR)
-            case StreamKind.CONNECT | StreamKind.FILE_READ | StreamKind.FILE_WRITE:
+            case StreamKind.CONNECT | StreamKind.UDP | StreamKind.FILE_READ | StreamKind.FILE_WRITE:
                 tunnel.conn.reset(event.stream_id, f"{kind.value} streams are opened by the daemon")
                 tunnel.kick()
             case None:
@@ -298,8 +298,11 @@ class Daemon:
                 tunnel_of=self._live_tunnel,
                 ask=self.ask,
                 spawn=lambda coro: self.tasks.spawn(coro, name="dns"),
+                agent_udp="udp" in features,
             )
             await self.outgoing.start()
+            for warning in self.outgoing.warnings:
+                self.progress.warn(warning)
             if self.outgoing.cgroup is not None:
                 result["cgroup"] = str(self.outgoing.cgroup.path)
             else:

@@ -142,3 +142,52 @@ async def connect_marked(address: tuple[str, int], *, mark: int) -> socket.socke
         sock.close()
         raise
     return sock
+
+
+# --- transparent UDP (TPROXY) ---------------------------------------------------------
+
+_IP_TRANSPARENT = 19
+_IP_RECVORIGDSTADDR = 20
+_IPV6_RECVORIGDSTADDR = 74
+_IPV6_TRANSPARENT = 75
+#: Room for the ancillary data of one received datagram (its original destination).
+ORIGDST_ANCILLARY = socket.CMSG_SPACE(28)
+
+
+def transparent_udp(host: str, port: int, *, receive_destination: bool) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port``, even an address not of this host.
+
+    ``receive_destination``: each datagram comes with where it was going (for a
+    socket TPROXY hands datagrams to; read it with :func:`original_destination_of`).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, 1)
+            if receive_destination:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVORIGDSTADDR, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, _IP_TRANSPARENT, 1)
+            if receive_destination:
+                sock.setsockopt(socket.SOL_IP, _IP_RECVORIGDSTADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def original_destination_of(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
+    """The destination a TPROXYed datagram had, from ``recvmsg``'s ancillary data. Pure."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_IP and kind == _IP_RECVORIGDSTADDR and len(data) >= 8:
+            return socket.inet_ntop(socket.AF_INET, data[4:8]), struct.unpack_from("!H", data, 2)[0]
+        if level == socket.IPPROTO_IPV6 and kind == _IPV6_RECVORIGDSTADDR and len(data) >= 24:
+            return (
+                socket.inet_ntop(socket.AF_INET6, data[8:24]),
+                struct.unpack_from("!H", data, 2)[0],
+            )
+    return None

@@ -32,9 +32,13 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import TYPE_CHECKING
 
 from netmirror.errors import FirewallError, SessionError
 from netmirror.netfilter.iptables import Backend, IptablesNat, validate_session
+
+if TYPE_CHECKING:
+    from netmirror.netfilter.outgoing import OutgoingFirewall
 
 __all__ = ["EXIT_IN_USE", "Guard", "main", "session_alive", "socket_address"]
 
@@ -57,11 +61,11 @@ def socket_address(session: str, kind: str = "steal") -> str:
     return prefix + validate_session(session)
 
 
-def _firewall(session: str, backend: Backend, kind: str) -> IptablesNat:
+def _firewall(session: str, backend: Backend, kind: str) -> IptablesNat | OutgoingFirewall:
     if kind == "outgoing":
-        from netmirror.netfilter.outgoing import OutgoingNat
+        from netmirror.netfilter.outgoing import OutgoingFirewall
 
-        return OutgoingNat(session, backend=backend)
+        return OutgoingFirewall(session, backend=backend)
     return IptablesNat(session, backend=backend)
 
 

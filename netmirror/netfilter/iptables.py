@@ -320,9 +320,11 @@ def _session_of(chain: str) -> str | None:
     return session if is_session_name(session) else None
 
 
-def _references(save_text: str, chain: str) -> tuple[bool, list[tuple[str, tuple[str, ...]]]]:
-    """Return (chain declared?, rules elsewhere in nat that jump to ``chain``)."""
-    nat = _parse_save(save_text).get("nat")
+def _references(
+    save_text: str, chain: str, table: str = "nat"
+) -> tuple[bool, list[tuple[str, tuple[str, ...]]]]:
+    """Return (chain declared?, rules elsewhere in ``table`` that jump to ``chain``)."""
+    nat = _parse_save(save_text).get(table)
     if nat is None:
         return False, []
     refs = [(src, args) for src, args in nat.rules if src != chain and _jump_target(args) == chain]
@@ -452,6 +454,9 @@ def clear_stale(backend: Backend, *, alive: Callable[[str], bool]) -> list[str]:
 
 class IptablesNat:
     """The nat REDIRECT rules of one session in the current network namespace."""
+
+    #: The table the session's chain and its hooks live in.
+    TABLE = "nat"
 
     def __init__(
         self,
@@ -606,7 +611,7 @@ class IptablesNat:
         tool = self._tool(family)
         for hook_chain, match in self._hook_rules():
             spec = (hook_chain, *match, "-j", self._chain)
-            check = _run([tool, *_LOCK_WAIT, "-t", "nat", "-C", *spec])
+            check = _run([tool, *_LOCK_WAIT, "-t", self.TABLE, "-C", *spec])
             if check.returncode == 0:
                 continue
             if self._behind_mesh and hook_chain == "PREROUTING":
@@ -615,7 +620,7 @@ class IptablesNat:
                 where: tuple[str, ...] = ("-A", hook_chain)
             else:
                 where = ("-I", hook_chain, "1")
-            insert = _run([tool, *_LOCK_WAIT, "-t", "nat", *where, *spec[1:]])
+            insert = _run([tool, *_LOCK_WAIT, "-t", self.TABLE, *where, *spec[1:]])
             if insert.returncode != 0:
                 raise _failure(
                     f"{self._backend.iptables(family)} could not hook {self._chain}"
@@ -640,16 +645,16 @@ class IptablesNat:
             if text is None:
                 log.debug("IPv%s teardown skipped: rules cannot be read", family)
                 return
-            declared, refs = _references(text, self._chain)
+            declared, refs = _references(text, self._chain, self.TABLE)
             if not declared and not refs:
                 return
             for src, args in refs:
-                proc = _run([tool, *_LOCK_WAIT, "-t", "nat", "-D", src, *args])
+                proc = _run([tool, *_LOCK_WAIT, "-t", self.TABLE, "-D", src, *args])
                 if proc.returncode != 0:
                     last_error = _first_line(proc.stderr)
             if declared:
                 for action in ("-F", "-X"):
-                    proc = _run([tool, *_LOCK_WAIT, "-t", "nat", action, self._chain])
+                    proc = _run([tool, *_LOCK_WAIT, "-t", self.TABLE, action, self._chain])
                     if proc.returncode != 0:
                         last_error = _first_line(proc.stderr)
         reason = last_error or "it keeps coming back"

@@ -27,6 +27,10 @@ class StreamKind(enum.Enum):
     """Daemon -> agent: an outgoing connection of the exec command, made in the target."""
     FILE_READ = "file-read"
     """Daemon -> agent: a range of one of the target's files (``path``, ``offset``, ``length``)."""
+    UDP = "udp"
+    """Daemon -> agent: the exec command's UDP from one socket; the agent sends it from
+    a socket of its own in the target and carries the answers back (records of
+    :mod:`netmirror.wire.datagrams`)."""
     FILE_WRITE = "file-write"
     """Daemon -> agent: bytes to write at ``offset`` of one of the target's files."""
 

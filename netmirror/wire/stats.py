@@ -195,6 +195,11 @@ class OutgoingStatus(PortStats):
     cgroup: str | None = None
     dns_queries: int = 0
     dns_failures: int = 0
+    routed: bool = False
+    """The command has routes of its own (it reaches what this machine cannot route)."""
+    udp_associations: int = 0
+    udp_datagrams_out: int = 0
+    udp_datagrams_in: int = 0
 
 
 @dataclass

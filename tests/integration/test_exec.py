@@ -44,6 +44,15 @@ class Private:
     db_ip: str
     http_port: int
     netns: str
+    # Addresses of the db this host has no usable route to (the pod has): behind a
+    # blackhole route, behind a throw route (no route at all), behind an unreachable
+    # IPv6 route (as with no IPv6 default route).
+    blackholed: str = ""
+    unrouted: str = ""
+    unreachable6: str = ""
+    any_port: int = 8001  # the http server on every address of the db
+    udp_echo: int = 7007
+    syslog_log: Path | None = None
 
 
 def session_name(env: Env, n: int) -> str:
@@ -52,20 +61,25 @@ def session_name(env: Env, n: int) -> str:
 
 
 def _host_outgoing_rules(session: str) -> str:
-    """This host's outgoing rules of ``session`` (``NMOUT-<session>``), nobody else's."""
-    return "\n".join(host_lines(chains_of([session], ("NMOUT-",))))
+    """This host's outgoing rules and routing rules of ``session``, nobody else's."""
+    from netmirror.netfilter.routing import SessionRoutes
+
+    lines = host_lines(chains_of([session], ("NMOUT-", "NMUDP-", "NMREP-")))
+    if SessionRoutes(session).installed():
+        lines.append(f"routing rules of mark {SessionRoutes(session).mark:#x}")
+    return "\n".join(lines)
 
 
 def _remove_outgoing_rules(sessions: list[str]) -> None:
     """Take away what a failed test left in the host's tables (only its own chains)."""
     from netmirror.netfilter.iptables import Backend
-    from netmirror.netfilter.outgoing import OutgoingNat
+    from netmirror.netfilter.outgoing import OutgoingFirewall
 
     for name in sessions:
         if _host_outgoing_rules(name):
             for backend in Backend:
                 with contextlib.suppress(Exception):
-                    OutgoingNat(name, backend=backend).teardown()
+                    OutgoingFirewall(name, backend=backend).teardown()
 
 
 def _our_cgroups(session: str) -> list[Path]:
@@ -85,6 +99,15 @@ def private(env: Env) -> Iterator[Private]:
     db_ip = f"172.31.{box.index}.2"
     etc = Path("/etc/netns") / box.netns
     procs: list[subprocess.Popen[bytes]] = []
+    blackholed = f"172.30.{box.index}.2"
+    unrouted = f"172.29.{box.index}.2"
+    unreachable6 = f"fd7e:{box.index}::2"
+    host_routes = [
+        ["ip", "route", "add", "blackhole", f"172.30.{box.index}.0/24"],
+        ["ip", "route", "add", "throw", f"172.29.{box.index}.0/24"],
+        ["ip", "-6", "route", "add", "unreachable", f"fd7e:{box.index}::/64"],
+    ]
+    syslog_log = Path(f"/tmp/nm-syslog-{box.name}.log")
 
     def sh(*argv: str) -> None:
         subprocess.run(argv, check=True, capture_output=True)
@@ -117,15 +140,35 @@ def private(env: Env) -> Iterator[Private]:
         # This host knows the way (through the pod), but the pod does not forward:
         # without netmirror the db is out of reach, with no route error to hide that.
         sh("ip", "route", "add", f"172.31.{box.index}.0/24", "via", box.pod_ip)
+        # More addresses of the db, which the pod reaches on its link and this host
+        # cannot reach at all: connect() fails here before any rule could act.
+        for address in (f"{blackholed}/24", f"{unrouted}/24"):
+            sh("ip", "-n", db_ns, "addr", "add", address, "dev", "db1")
+        sh("ip", "-n", db_ns, "addr", "add", f"{unreachable6}/64", "dev", "db1", "nodad")
+        sh("ip", "-n", box.netns, "addr", "add", f"fd7e:{box.index}::1/64", "dev", "db0", "nodad")
+        for net in (f"172.30.{box.index}.0/24", f"172.29.{box.index}.0/24"):
+            sh("ip", "-n", box.netns, "route", "add", net, "dev", "db0")
+        for argv in host_routes:
+            sh(*argv)
         etc.mkdir(parents=True, exist_ok=True)
-        (etc / "hosts").write_text(f"127.0.0.1 localhost\n{db_ip} orders-db.internal\n")
         (etc / "resolv.conf").write_text(f"search {SEARCH}\nnameserver {db_ip}\noptions ndots:5\n")
         http_port = 8000
-        for kind, port, text in (
-            ("http", http_port, "orders from the db\n"),
-            ("dns", 53, f"orders.{SEARCH}={db_ip}"),
+        (etc / "hosts").write_text(
+            f"127.0.0.1 localhost\n{db_ip} orders-db.internal\n{db_ip} orders-log.internal\n"
+        )
+        # An answer larger than any UDP answer may be: 120 A records (about 2 KB).
+        big = "|".join(f"10.77.{n // 250}.{n % 250 + 1}" for n in range(120))
+        syslog_log.unlink(missing_ok=True)
+        for kind, port, host, text in (
+            ("http", http_port, db_ip, "orders from the db\n"),
+            ("http", 8001, "::", "orders from the db\n"),
+            ("dns", 53, db_ip, f"orders.{SEARCH}={db_ip},big.{SEARCH}={big}"),
+            ("udp-echo", 7007, "::", ""),
+            ("udp-sink", 514, "::", ""),
         ):
-            argv = [sys.executable, str(SERVERS), kind, "--port", str(port), "--host", db_ip]
+            argv = [sys.executable, str(SERVERS), kind, "--port", str(port), "--host", host]
+            if kind == "udp-sink":
+                argv += ["--log", str(syslog_log)]
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", db_ns, *argv, "--text", text],
                 stdout=subprocess.PIPE,
@@ -133,11 +176,22 @@ def private(env: Env) -> Iterator[Private]:
             )
             procs.append(proc)
             wait_ready(proc, f"{kind} server in the db")
-        yield Private(db_ip=db_ip, http_port=http_port, netns=db_ns)
+        yield Private(
+            db_ip=db_ip,
+            http_port=http_port,
+            netns=db_ns,
+            blackholed=blackholed,
+            unrouted=unrouted,
+            unreachable6=unreachable6,
+            syslog_log=syslog_log,
+        )
     finally:
         for proc in procs:
             proc.kill()
             proc.wait()
+        for argv in host_routes:
+            subprocess.run([*argv[:-3], "del", *argv[-2:]], capture_output=True, check=False)
+        syslog_log.unlink(missing_ok=True)
         subprocess.run(["ip", "netns", "del", db_ns], capture_output=True, check=False)
         shutil.rmtree(etc, ignore_errors=True)
         _remove_outgoing_rules(sessions)
@@ -422,3 +476,122 @@ def test_port_forward_reaches_a_pod_only_service_by_a_pod_only_name(
     proc.send_signal(signal.SIGINT)
     assert proc.wait(30) == 0
     assert env.netmirror("status", "--json").stdout.count(name) == 0
+
+
+UNROUTABLE_CLIENT = """
+import sys, urllib.request
+for url in sys.argv[1:]:
+    try:
+        print(url, urllib.request.urlopen(url, timeout=5).read().decode().strip())
+    except OSError as exc:
+        print(url, "failed:", exc)
+"""
+
+
+def _urls(private: Private) -> list[str]:
+    return [
+        f"http://{private.blackholed}:{private.any_port}/",
+        f"http://{private.unrouted}:{private.any_port}/",
+        f"http://[{private.unreachable6}]:{private.any_port}/",
+    ]
+
+
+def test_exec_reaches_addresses_this_machine_has_no_route_to(env: Env, private: Private) -> None:
+    from netmirror.netfilter.routing import SessionRoutes
+
+    # Without netmirror, connect() fails here at once: EINVAL behind the blackhole,
+    # ENETUNREACH with no route and behind the unreachable IPv6 route.
+    outside = subprocess.run(
+        [sys.executable, "-c", UNROUTABLE_CLIENT, *_urls(private)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert outside.stdout.count("failed:") == 3, outside.stdout
+    host_routes_before = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    res = _exec(env, "--", sys.executable, "-c", UNROUTABLE_CLIENT, *_urls(private))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"{u} orders from the db" for u in _urls(private)]
+    # The host's own routing is as it was, and the command's rules are gone.
+    assert subprocess.run(["ip", "route"], capture_output=True, text=True).stdout == (
+        host_routes_before
+    )
+    assert not SessionRoutes(session_name(env, 1)).installed()
+    _assert_clean(env, session_name(env, 1))
+
+
+UDP_CLIENT = """
+import logging, logging.handlers, socket, sys
+echo_port, v6 = int(sys.argv[1]), sys.argv[2]
+# A connected socket, by a name only the pod resolves: the answer comes back to it.
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.settimeout(5)
+c.connect(("orders-db.internal", echo_port))
+for n in range(3):
+    c.send(b"ping %d" % n)
+    print(c.recv(500).decode())
+# An unconnected IPv6 socket, to an address this machine cannot route.
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(b"hello", (v6, echo_port))
+data, source = u.recvfrom(500)
+print(source[0], source[1], data.decode())
+# A syslog sender (UDP to port 514): nothing comes back.
+logger = logging.getLogger("app")
+logger.addHandler(logging.handlers.SysLogHandler(address=("orders-log.internal", 514)))
+logger.warning("order 42 shipped")
+"""
+
+
+def test_udp_leaves_from_the_target_and_answers_come_back(env: Env, private: Private) -> None:
+    box = env.sandbox
+    res = _exec(
+        env, "--", sys.executable, "-c", UDP_CLIENT, str(private.udp_echo), private.unreachable6
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    # The echo server saw the pod's address: the datagrams left from the pod.
+    pod_side = f"172.31.{box.index}.1"
+    assert len(lines) == 4, res.stdout
+    sources = {line.split(": ", 1)[0] for line in lines[:3]}
+    assert len(sources) == 1 and next(iter(sources)).startswith(f"from {pod_side}:"), lines
+    assert [line.split(": ", 1)[1] for line in lines[:3]] == ["ping 0", "ping 1", "ping 2"]
+    address, port, text = lines[3].split(" ", 2)
+    assert (address, port) == (private.unreachable6, str(private.udp_echo)), lines[3]
+    assert text.startswith(f"from fd7e:{box.index}::1:") and text.endswith(": hello"), lines[3]
+    assert private.syslog_log is not None
+    eventually(
+        lambda: (
+            private.syslog_log is not None
+            and private.syslog_log.exists()
+            and "order 42 shipped" in private.syslog_log.read_text()
+        ),
+        10,
+        "the syslog line did not arrive",
+        interval=0.1,
+    )
+    assert private.syslog_log.read_text().startswith(pod_side + " ")
+    _assert_clean(env, session_name(env, 1))
+
+
+def test_large_dns_answers_over_tcp_and_after_truncation(env: Env, private: Private) -> None:
+    if shutil.which("dig") is None:
+        pytest.skip("dig is not installed (Debian package bind9-dnsutils)")
+    name = f"big.{SEARCH}"
+    script = (
+        # UDP first: the answer is too large, so it is truncated and dig asks over TCP.
+        f"dig +short +tries=1 +time=5 {name} A; echo ---; "
+        f"dig +short +tcp +tries=1 +time=5 {name} A; echo ---; "
+        # Without EDNS the limit is 512 bytes; dig says it retries, and gets it all.
+        f"dig +noedns +tries=1 +time=5 {name} A"
+    )
+    res = _exec(env, "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    udp, tcp, plain = res.stdout.split("---\n")
+    expected = sorted(f"10.77.{n // 250}.{n % 250 + 1}" for n in range(120))
+    assert sorted(udp.split()) == expected
+    assert sorted(tcp.split()) == expected
+    assert "Truncated, retrying in TCP mode" in plain, plain
+    assert plain.count("\tIN\tA\t10.77.") == 120, plain
+    _assert_clean(env, session_name(env, 1))

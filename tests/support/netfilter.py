@@ -11,7 +11,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 
-PREFIXES = ("NETMIRROR-", "NMOUT-")
+PREFIXES = ("NETMIRROR-", "NMOUT-", "NMUDP-", "NMREP-")
 SAVE_TOOLS = (
     "iptables-nft-save",
     "ip6tables-nft-save",

@@ -105,8 +105,40 @@ async def sink_handler(
         log.write(f"{digest.hexdigest()} {size} {ended}\n")
 
 
+def dns_answer(records: dict[str, str], data: bytes, *, max_size: int | None) -> bytes:
+    """The zone's answer to one query; A records of ``name=ip|ip...``, else NXDOMAIN.
+
+    Over UDP (``max_size`` None) an answer larger than the query allows (512 bytes,
+    or its EDNS payload) is truncated (TC), so the client asks again over TCP.
+    """
+    import dns.exception
+    import dns.flags
+    import dns.message
+    import dns.rcode
+    import dns.rdatatype
+    import dns.rrset
+
+    query = dns.message.from_wire(data)
+    response = dns.message.make_response(query)
+    question = query.question[0]
+    name = question.name.to_text(omit_final_dot=True).lower()
+    if name not in records:
+        response.set_rcode(dns.rcode.NXDOMAIN)
+    elif question.rdtype == dns.rdatatype.A:
+        addresses = records[name].split("|")
+        response.answer.append(dns.rrset.from_text_list(question.name, 30, "IN", "A", addresses))
+    if max_size is None:
+        max_size = query.payload if query.edns >= 0 else 512
+    try:
+        return response.to_wire(max_size=max_size)
+    except dns.exception.TooBig:
+        response.answer = []
+        response.flags |= dns.flags.TC
+        return response.to_wire(max_size=max_size)
+
+
 class DnsZone(asyncio.DatagramProtocol):
-    """A tiny authoritative DNS server: A records of ``--text 'name=ip,...'``, else NXDOMAIN."""
+    """A tiny authoritative DNS server over UDP (see :func:`dns_answer`)."""
 
     def __init__(self, records: dict[str, str]) -> None:
         self.records = records
@@ -116,23 +148,45 @@ class DnsZone(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        import dns.message
-        import dns.rcode
-        import dns.rdatatype
-        import dns.rrset
-
-        query = dns.message.from_wire(data)
-        response = dns.message.make_response(query)
-        question = query.question[0]
-        name = question.name.to_text(omit_final_dot=True).lower()
-        if name not in self.records:
-            response.set_rcode(dns.rcode.NXDOMAIN)
-        elif question.rdtype == dns.rdatatype.A:
-            response.answer.append(
-                dns.rrset.from_text(question.name, 30, "IN", "A", self.records[name])
-            )
         assert self.transport is not None
-        self.transport.sendto(response.to_wire(), addr)
+        self.transport.sendto(dns_answer(self.records, data, max_size=None), addr)
+
+
+async def dns_tcp_handler(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, records: dict[str, str]
+) -> None:
+    """The same zone over TCP: length-prefixed, never truncated."""
+    try:
+        while True:
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            answer = dns_answer(records, await reader.readexactly(size), max_size=65535)
+            writer.write(len(answer).to_bytes(2, "big") + answer)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+class UdpServer(asyncio.DatagramProtocol):
+    """``udp-echo``: sends each datagram back, prefixed with its source; ``udp-sink``:
+    appends each one to the log file, one line each."""
+
+    def __init__(self, log_path: str) -> None:
+        self.log_path = log_path
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        source = addr[0].removeprefix("::ffff:")  # a dual-stack socket's IPv4 peer
+        if self.log_path:
+            with open(self.log_path, "ab") as log:
+                log.write(f"{source} ".encode() + data.rstrip(b"\n") + b"\n")
+            return
+        assert self.transport is not None
+        self.transport.sendto(f"from {source}:{addr[1]}: ".encode() + data, addr)
 
 
 async def web_app(host: str, port: int, tag: str) -> None:
@@ -175,7 +229,10 @@ async def web_app(host: str, port: int, tag: str) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["sha", "http", "echo", "sink", "stall", "dns", "web"])
+    parser.add_argument(
+        "kind",
+        choices=["sha", "http", "echo", "sink", "stall", "dns", "web", "udp-echo", "udp-sink"],
+    )
     parser.add_argument("--log", default="")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="::")
@@ -207,6 +264,22 @@ async def main() -> None:
         await loop.create_datagram_endpoint(
             lambda: DnsZone(records), local_addr=(args.host, args.port)
         )
+        tcp = await asyncio.start_server(
+            lambda r, w: dns_tcp_handler(r, w, records), args.host, args.port
+        )
+        print("ready", flush=True)
+        async with tcp:
+            await asyncio.Event().wait()
+        return
+    elif args.kind in ("udp-echo", "udp-sink"):
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((args.host, args.port))
+        log_path = args.log if args.kind == "udp-sink" else ""
+        await loop.create_datagram_endpoint(lambda: UdpServer(log_path), sock=sock)
         print("ready", flush=True)
         await asyncio.Event().wait()
         return

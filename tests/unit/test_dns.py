@@ -627,3 +627,67 @@ def test_refusing_or_missing_nameserver_gives_servfail(
         assert (await TargetResolver(none).resolve("redis", "A")).rcode == "SERVFAIL"
 
     run(test())
+
+
+def test_over_tcp_nothing_is_truncated() -> None:
+    query = _query("big.example", "A")
+    wire = build_response(query, _many(120), max_size=65535)
+    response = dns.message.from_wire(wire)
+    assert len(wire) > 1232 and not response.flags & dns.flags.TC
+    assert len(response.answer[0]) == 120
+
+
+async def test_dns_over_tcp_answers_each_framed_query_in_turn() -> None:
+    import asyncio
+
+    from netmirror.daemon.exec.outgoing import DnsServer, DnsTcpServer
+
+    asked: list[str] = []
+
+    async def ask(op: str, args: dict[str, Any]) -> dict[str, Any]:
+        asked.append(args["name"])
+        if args["name"] == "slow.example":
+            await asyncio.sleep(0.05)
+        return _many(120).to_json() if args["name"] == "big.example" else _many(1).to_json()
+
+    tasks: list[asyncio.Task[None]] = []
+    udp = DnsServer(ask, lambda coro: tasks.append(asyncio.ensure_future(coro)))
+    server = DnsTcpServer(udp)
+
+    class Sink:
+        def __init__(self) -> None:
+            self.data = b""
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+    sink = Sink()
+    server.connection_made(sink)  # type: ignore[arg-type]
+    framed = b"".join(
+        len(q.wire).to_bytes(2, "big") + q.wire
+        for q in (_query("slow.example", "A"), _query("big.example", "A"))
+    )
+    # Split anywhere: the frames are put back together.
+    server.data_received(framed[:1])
+    server.data_received(framed[1:37])
+    server.data_received(framed[37:])
+    await asyncio.gather(*tasks)
+    answers = []
+    data = sink.data
+    while data:
+        size = int.from_bytes(data[:2], "big")
+        answers.append(dns.message.from_wire(data[2 : 2 + size]))
+        data = data[2 + size :]
+    assert asked == ["slow.example", "big.example"]
+    # The quick answer is not held behind the slow one (RFC 7766 allows any order).
+    assert [len(a.answer[0]) for a in answers] == [120, 1]
+    assert udp.queries == 2 and not sink.closed
+    server.data_received(b"\x00\x03abc")  # not a DNS message: the connection closes
+    assert sink.closed

@@ -84,7 +84,7 @@ def parse_query(wire: bytes) -> Query | bytes | None:
     )
 
 
-def build_response(query: Query, answer: Answer) -> bytes:
+def build_response(query: Query, answer: Answer, *, max_size: int | None = None) -> bytes:
     """The response to ``query`` carrying the agent's ``answer``.
 
     Same id and question, RA set, EDNS echoed if the query had it, the records owned
@@ -92,7 +92,8 @@ def build_response(query: Query, answer: Answer) -> bytes:
     even though the target found ``redis.shop.svc.cluster.local``). A response too
     big for 512 bytes, or the query's EDNS payload, is the header and question with
     TC set, so the client retries over TCP. An answer whose records are not valid for
-    the question's type (it came over the network) gives SERVFAIL.
+    the question's type (it came over the network) gives SERVFAIL. ``max_size``
+    replaces that limit (65535 over TCP, where nothing is truncated).
     """
     message = dns.message.from_wire(query.wire)
     response = dns.message.make_response(
@@ -117,7 +118,7 @@ def build_response(query: Query, answer: Answer) -> bytes:
             return servfail(query)
         ttl = max(0, min(answer.ttl, MAX_TTL))
         response.answer.append(dns.rrset.from_rdata_list(question.name, ttl, rdatas))
-    return _to_wire(response, message)
+    return _to_wire(response, message, max_size)
 
 
 def servfail(query: Query) -> bytes:
@@ -137,8 +138,11 @@ def _error(
     return _to_wire(response, message)
 
 
-def _to_wire(response: dns.message.Message, query: dns.message.Message) -> bytes:
-    max_size = query.payload if query.edns >= 0 else 512  # to_wire keeps it in 512..65535
+def _to_wire(
+    response: dns.message.Message, query: dns.message.Message, max_size: int | None = None
+) -> bytes:
+    if max_size is None:
+        max_size = query.payload if query.edns >= 0 else 512  # to_wire keeps it in 512..65535
     try:
         return response.to_wire(max_size=max_size)
     except dns.exception.TooBig:

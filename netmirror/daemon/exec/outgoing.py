@@ -1,17 +1,20 @@
-"""The local side of ``netmirror exec``: the command's outgoing TCP and DNS, sent to the target.
+"""The local side of ``netmirror exec``: the command's outgoing TCP, UDP and DNS, via the target.
 
-The command runs in a cgroup of its own (:class:`Cgroup`); rules of
-:mod:`netmirror.netfilter.outgoing` redirect that cgroup's TCP to
-:class:`OutgoingBridge` listeners and its DNS queries to :class:`DnsServer`,
-both in the daemon. Each TCP connection becomes a stream the agent connects
-from the target's namespace; each DNS question is resolved by the agent with the
-target's resolver configuration.
+The command runs in a cgroup of its own (:class:`Cgroup`) whose sockets carry the
+session's mark; rules of :mod:`netmirror.netfilter.outgoing` and routes of
+:mod:`netmirror.netfilter.routing` send that cgroup's TCP to
+:class:`OutgoingBridge` listeners, its UDP to the :class:`UdpRelay` and its DNS
+queries (UDP and TCP) to :class:`DnsServer` and :class:`DnsTcpServer`, all in the
+daemon. Each TCP connection becomes a stream the agent connects from the
+target's namespace; each UDP socket an association the agent sends from; each
+DNS question is resolved by the agent with the target's resolver configuration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Coroutine
@@ -20,11 +23,14 @@ from typing import Any, cast
 from netmirror.config import OutgoingConfig
 from netmirror.daemon.exec import dns
 from netmirror.daemon.exec.proxy import MAX_GREETING, parse_greeting
-from netmirror.errors import NetmirrorError
+from netmirror.daemon.exec.udp import UdpRelay
+from netmirror.errors import FirewallError, NetmirrorError
 from netmirror.net.sockets import has_ipv6, original_destination
 from netmirror.netfilter import Guard, detect_backend
 from netmirror.netfilter.cgroup import Cgroup, cgroup2_root
-from netmirror.netfilter.outgoing import OutgoingNat, OutgoingRules
+from netmirror.netfilter.outgoing import OutgoingFirewall, OutgoingRules, sharing_mark
+from netmirror.netfilter.routing import session_mark
+from netmirror.netfilter.sockmark import attach_socket_mark
 from netmirror.tunnel import OpeningBridge, Tunnel
 from netmirror.wire.dns import Answer
 from netmirror.wire.kinds import StreamKind, stream_info
@@ -133,8 +139,8 @@ class DnsServer(asyncio.DatagramProtocol):
     """Answers the command's DNS questions with the target's resolver, via the agent."""
 
     def __init__(self, ask: Ask, spawn: Callable[[Coroutine[Any, Any, None]], object]) -> None:
-        self._ask = ask
-        self._spawn = spawn
+        self.ask = ask
+        self.spawn = spawn
         self.transport: asyncio.DatagramTransport | None = None
         self.queries = 0
         self.failures = 0
@@ -150,12 +156,12 @@ class DnsServer(asyncio.DatagramProtocol):
             self._send(parsed, addr)
             return
         self.queries += 1
-        self._spawn(self._answer(parsed, addr))
+        self.spawn(self._answer(parsed, addr))
 
     async def _answer(self, query: dns.Query, addr: Any) -> None:
         try:
             result = await asyncio.wait_for(
-                self._ask("resolve", {"name": query.name, "type": query.rdtype}), DNS_TIMEOUT
+                self.ask("resolve", {"name": query.name, "type": query.rdtype}), DNS_TIMEOUT
             )
             answer = Answer.from_json(result)
         except (NetmirrorError, ValueError, TimeoutError) as exc:
@@ -169,6 +175,62 @@ class DnsServer(asyncio.DatagramProtocol):
     def _send(self, data: bytes, addr: Any) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(data, addr)
+
+
+#: Largest DNS message over TCP (its two-byte length prefix).
+_TCP_MESSAGE = 65535
+
+
+class DnsTcpServer(asyncio.Protocol):
+    """DNS over TCP (RFC 7766): what a client asks after a truncated answer, or at once.
+
+    Length-prefixed messages, answered as they come (each in its own task, so a
+    slow name does not hold the next). A message that is not a query closes the
+    connection.
+    """
+
+    def __init__(self, udp: DnsServer) -> None:
+        self._udp = udp  # shares the asking and the counters
+        self._buf = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= 2:
+            size = int.from_bytes(self._buf[:2], "big")
+            if len(self._buf) < 2 + size:
+                return
+            message, self._buf = self._buf[2 : 2 + size], self._buf[2 + size :]
+            parsed = dns.parse_query(message)
+            if parsed is None:
+                assert self.transport is not None
+                self.transport.close()
+                return
+            if isinstance(parsed, bytes):
+                self._write(parsed)
+                continue
+            self._udp.queries += 1
+            self._udp.spawn(self._answer(parsed))
+
+    async def _answer(self, query: dns.Query) -> None:
+        try:
+            result = await asyncio.wait_for(
+                self._udp.ask("resolve", {"name": query.name, "type": query.rdtype}),
+                DNS_TIMEOUT,
+            )
+            response = dns.build_response(query, Answer.from_json(result), max_size=_TCP_MESSAGE)
+        except (NetmirrorError, ValueError, TimeoutError) as exc:
+            self._udp.failures += 1
+            log.info("DNS over TCP %s %s: %s", query.rdtype, query.name, exc)
+            response = dns.servfail(query)
+        self._write(response)
+
+    def _write(self, message: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(len(message).to_bytes(2, "big") + message)
 
 
 # --- the whole --------------------------------------------------------------------------
@@ -185,9 +247,15 @@ class Outgoing:
         tunnel_of: Callable[[], Tunnel | None],
         ask: Ask,
         spawn: Callable[[Coroutine[Any, Any, None]], object],
+        agent_udp: bool = True,
     ) -> None:
         self.session = session
         self.config = config
+        self._agent_udp = agent_udp
+        #: What works less well than asked, for the user (one line each).
+        self.warnings: list[str] = []
+        self.udp: UdpRelay | None = None
+        self.mark = 0
         self.stats = PortStats()
         self._tunnel_of = tunnel_of
         self._ask = ask
@@ -200,7 +268,7 @@ class Outgoing:
         self.proxy_env: dict[str, str] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._dns: list[tuple[asyncio.DatagramTransport, DnsServer]] = []
-        self._firewall: OutgoingNat | None = None
+        self._firewall: OutgoingFirewall | None = None
         self._guard: Guard | None = None
 
     async def start(self) -> None:
@@ -211,8 +279,10 @@ class Outgoing:
         loop = asyncio.get_running_loop()
         self.cgroup = Cgroup.for_session(self.session)
         self.cgroup.create()
+        self._mark_sockets()
         tcp_port = 0
         dns_port = 0
+        dns_tcp_port = 0
         hosts = ["127.0.0.1"] + (["::1"] if has_ipv6() else [])
         for host in hosts:
             server = await loop.create_server(
@@ -226,14 +296,61 @@ class Outgoing:
                 )
                 self._dns.append((transport, protocol))
                 dns_port = transport.get_extra_info("sockname")[1]
+                tcp_server = await loop.create_server(
+                    functools.partial(DnsTcpServer, protocol), host, dns_tcp_port, backlog=1024
+                )
+                self._servers.append(tcp_server)
+                dns_tcp_port = tcp_server.sockets[0].getsockname()[1]
+        udp_port = await self._start_udp(hosts)
         rules = OutgoingRules(
             cgroup=self.cgroup.relative,
             tcp_port=tcp_port,
             dns_port=dns_port if self.config.dns else None,
+            dns_tcp_port=dns_tcp_port if self.config.dns else None,
+            udp_port=udp_port,
+            mark=self.mark,
             include=tuple(self.config.include),
             exclude=tuple(self.config.exclude),
         )
         await asyncio.to_thread(self._install, rules)
+        if self.udp is not None and not (self._firewall and self._firewall.udp_active):
+            self.udp.stop()  # the rules that would lead UDP to it could not be had
+            self.udp = None
+
+    def _mark_sockets(self) -> None:
+        """Mark the cgroup's sockets, for the routes that work whatever this host routes."""
+        assert self.cgroup is not None
+        mark = session_mark(self.session)
+        try:
+            attach_socket_mark(str(self.cgroup.path), mark)
+        except NetmirrorError as exc:
+            self.warnings.append(
+                f"{exc}: the command reaches only addresses this machine has a route to, "
+                "and its UDP other than DNS stays here"
+            )
+            return
+        self.mark = mark
+
+    async def _start_udp(self, hosts: list[str]) -> int | None:
+        if not self.config.udp or not self.mark:
+            return None
+        if not self._agent_udp:
+            self.warnings.append(
+                "the agent cannot carry UDP (an older image): the command's UDP other "
+                "than DNS stays on this machine"
+            )
+            return None
+        self.udp = UdpRelay(self._tunnel_of)
+        try:
+            return await self.udp.start(hosts)
+        except OSError as exc:
+            self.warnings.append(
+                f"no transparent UDP socket ({exc.strerror or exc}): the command's UDP "
+                "other than DNS stays on this machine"
+            )
+            self.udp.stop()
+            self.udp = None
+            return None
 
     async def _start_proxy(self) -> None:
         loop = asyncio.get_running_loop()
@@ -258,16 +375,27 @@ class Outgoing:
 
     def _install(self, rules: OutgoingRules) -> None:
         backend = detect_backend()
-        firewall = OutgoingNat(self.session, backend=backend, cgroup=rules.cgroup)
+        firewall = OutgoingFirewall(
+            self.session, backend=backend, cgroup=rules.cgroup, mark=rules.mark
+        )
+        if rules.mark:
+            others = sharing_mark(self.session, backend)
+            if others:
+                raise FirewallError(
+                    f"the exec session {others[0]!r} is running, and its routing mark is "
+                    f"this session's too; give this one another name (--session)"
+                )
         firewall.teardown()  # of an earlier daemon of this session that was killed
         self._guard = Guard.start(self.session, backend, kind="outgoing")
         self._firewall = firewall
-        firewall.apply(firewall.plan_for(rules))
+        self.warnings += firewall.apply(rules)
         log.info(
-            "outgoing TCP of cgroup %s -> 127.0.0.1:%d, DNS -> %s",
+            "outgoing TCP of cgroup %s -> 127.0.0.1:%d, UDP -> %s, DNS -> %s, mark %#x",
             rules.cgroup,
             rules.tcp_port,
+            rules.udp_port or "unchanged",
             rules.dns_port or "unchanged",
+            rules.mark,
         )
 
     def status(self) -> OutgoingStatus:
@@ -278,6 +406,10 @@ class Outgoing:
             cgroup=str(self.cgroup.path) if self.cgroup is not None else None,
             dns_queries=sum(p.queries for _, p in self._dns),
             dns_failures=sum(p.failures for _, p in self._dns),
+            routed=bool(self.mark),
+            udp_associations=self.udp.associations if self.udp is not None else 0,
+            udp_datagrams_out=self.udp.datagrams_out if self.udp is not None else 0,
+            udp_datagrams_in=self.udp.datagrams_in if self.udp is not None else 0,
         )
 
     async def stop(self) -> None:
@@ -289,6 +421,8 @@ class Outgoing:
                 log.error("removing the outgoing rules: %s (the guard retries)", exc)
         if self._guard is not None:
             await asyncio.to_thread(self._guard.close)
+        if self.udp is not None:
+            self.udp.stop()
         for server in self._servers:
             server.close()
         for transport, _ in self._dns:

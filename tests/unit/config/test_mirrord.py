@@ -81,14 +81,18 @@ def test_outgoing_dns_env_fs_agent_and_unknown_keys() -> None:
         }
     )
     assert out["target"] == "pod/web-1"
-    assert out["outgoing"] == {"enabled": True, "exclude": ["10.1.0.0/16"], "dns": False}
+    assert out["outgoing"] == {
+        "enabled": True,
+        "udp": True,
+        "exclude": ["10.1.0.0/16"],
+        "dns": False,
+    }
     assert out["env"] == {"include": ["APP_*", "DB_URL"], "exclude": ["SECRET"]}
     assert out["files"] == {"enabled": True, "read_write": ["/data/**"]}
     assert out["agent"] == {"image": "reg/agent:1", "ttl": 30, "mode": "job"}
     assert out["kubernetes"] == {"context": "staging"}
     ignored = {n.key for n in notes if n.mapped_to is None}
     assert ignored == {
-        "feature.network.outgoing.udp",
         "feature.env.env_file",
         "feature.fs.read_write",  # the regex that names no path
         "feature.hostname",

@@ -700,7 +700,7 @@ def test_exec_sections_survive_a_json_round_trip() -> None:
         ({"outgoing": {"dns": []}}, "outgoing.dns: [] is not true or false"),
         (
             {"outgoing": {"exlude": []}},
-            "outgoing.exlude: unknown key (expected one of enabled, include, exclude, dns, method)",
+            "outgoing.exlude: unknown key (expected one of enabled, include, exclude, dns, udp, method)",
         ),
         ({"env": {"include": ["*", ""]}}, "env.include[1]: '' must not be empty"),
         ({"env": {"exclude": [""]}}, "env.exclude[0]: '' must not be empty"),
@@ -938,7 +938,7 @@ def test_json_schema() -> None:
     assert env["properties"]["override"]["additionalProperties"] == {"type": ["string", "integer"]}
     assert "PYTHONHOME" in env["properties"]["exclude"]["description"]
     outgoing = schema["$defs"]["OutgoingConfig"]
-    assert list(outgoing["properties"]) == ["enabled", "include", "exclude", "dns", "method"]
+    assert list(outgoing["properties"]) == ["enabled", "include", "exclude", "dns", "udp", "method"]
     assert outgoing["properties"]["method"]["enum"] == ["auto", "transparent", "proxy"]
     assert outgoing["properties"]["enabled"]["type"] == "boolean"
     assert outgoing["properties"]["enabled"]["default"] is True
