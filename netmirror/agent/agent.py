@@ -35,8 +35,16 @@ from netmirror.agent.subscription import Subscription
 from netmirror.agent.target_process import find_target_pid, read_environment, resolver_dirs
 from netmirror.agent.udp import UdpAssociation
 from netmirror.errors import AgentError, NetmirrorError, PortInUseError, ProtocolError
+from netmirror.net.procnet import listening_here
 from netmirror.net.sockets import listen_any_port, tune_tunnel_socket
-from netmirror.netfilter import Backend, IptablesNat, list_sessions, router_session, session_alive
+from netmirror.netfilter import (
+    AGENT_MARK,
+    Backend,
+    IptablesNat,
+    list_sessions,
+    router_session,
+    session_alive,
+)
 from netmirror.netfilter.mesh import Mesh
 from netmirror.tasks import TaskSet
 from netmirror.tunnel import WS_MAX_MESSAGE, Tunnel
@@ -56,7 +64,9 @@ TICK = 0.25
 WS_HEARTBEAT = 10.0
 RESOLVER_REFRESH = 5.0
 #: What this agent offers besides ports, announced in its welcome.
-FEATURES = ("connect", "resolve", "environ", "files", "udp")
+FEATURES = ("connect", "resolve", "environ", "files", "udp", "listening")
+#: What an agent in a pod of its own (``--targetless``) offers: no target to read.
+TARGETLESS_FEATURES = ("connect", "resolve", "udp")
 
 
 class Agent:
@@ -67,7 +77,7 @@ class Agent:
         options: AgentOptions,
         *,
         backend: Backend,
-        firewall: IptablesNat,
+        firewall: IptablesNat | None,
         info: dict[str, Any],
         limits: Limits | None = None,
     ) -> None:
@@ -75,6 +85,9 @@ class Agent:
         self.session = options.session
         self.backend = backend
         self.firewall = firewall
+        # Our own connections pass our REDIRECT rules; with no rules (targetless) no
+        # mark is needed, nor the capability to set one.
+        self.mark = AGENT_MARK if firewall is not None else 0
         self.info = info
         self.limits = limits or Limits()
         self.link = Link()
@@ -189,7 +202,7 @@ class Agent:
         match kind:
             case StreamKind.CONNECT:
                 # An outgoing connection of the local process, made here as the target.
-                bridge = OutboundBridge(tunnel, self.outgoing, event.stream_id)
+                bridge = OutboundBridge(tunnel, self.outgoing, event.stream_id, mark=self.mark)
                 tunnel.attach(bridge)
                 self.tasks.spawn(
                     bridge.connect(event.original_dst, self._addresses),
@@ -198,7 +211,7 @@ class Agent:
                 return
             case StreamKind.UDP:
                 # The exec command's datagrams from one of its sockets.
-                UdpAssociation(tunnel, self.outgoing, event.stream_id)
+                UdpAssociation(tunnel, self.outgoing, event.stream_id, mark=self.mark)
                 return
             case StreamKind.FILE_READ:
                 self.tasks.spawn(
@@ -237,6 +250,9 @@ class Agent:
                     raise NetmirrorError("no process of the target was found to read")
                 env = await asyncio.to_thread(read_environment, pid)
                 result = {"pid": pid, "env": env}
+            elif req.op == "listening":
+                # The TCP ports the target serves (this is its network namespace).
+                result = {"ports": sorted(await asyncio.to_thread(listening_here))}
             elif req.op.startswith("fs."):
                 result = await self.files.request(req.op, req.args)
             else:  # the protocol refuses unknown ops before they get here
@@ -279,6 +295,15 @@ class Agent:
         tunnel.kick()
 
     async def _subscribe(self, tunnel: Tunnel, req: ev.SubscribeRequested) -> None:
+        if self.firewall is None:
+            self._answer(
+                tunnel,
+                req.request_id,
+                req.port,
+                ok=False,
+                error="a targetless agent takes no incoming traffic",
+            )
+            return
         method = ""
         if req.mode == "mirror":
             method = str(req.options.get("method", "capture"))
@@ -440,6 +465,8 @@ class Agent:
 
     async def _apply_rules(self) -> None:
         redirects = [r for sub in list(self.subs.values()) for r in sub.redirects()]
+        if self.firewall is None:
+            raise NetmirrorError("a targetless agent takes no incoming traffic")
         plan = self.firewall.plan(redirects)
         await asyncio.to_thread(self.firewall.apply, plan)
 
@@ -518,7 +545,8 @@ class Agent:
             # Rules first: from here on new connections reach the target's own
             # server; only then close our listeners, and last the tunnel.
             async with self._fw_lock:
-                await asyncio.to_thread(self.firewall.teardown)
+                if self.firewall is not None:
+                    await asyncio.to_thread(self.firewall.teardown)
                 # Together: each HTTP share may wait a little for its port's router.
                 await asyncio.gather(*(sub.close() for sub in self.subs.values()))
                 self.subs.clear()

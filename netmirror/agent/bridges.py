@@ -82,8 +82,11 @@ class InboundBridge(OpeningBridge):
 class OutboundBridge(StreamBridge):
     """A connection the daemon asked for: made from the target's namespace, as the target."""
 
-    def __init__(self, tunnel: Tunnel, stats: PortStats, stream_id: int) -> None:
+    def __init__(
+        self, tunnel: Tunnel, stats: PortStats, stream_id: int, *, mark: int = AGENT_MARK
+    ) -> None:
         super().__init__(tunnel, stats, inbound=True, stream_id=stream_id)
+        self._mark = mark
 
     async def connect(self, dst: tuple[str, int], resolver: Resolve) -> None:
         loop = asyncio.get_running_loop()
@@ -98,7 +101,7 @@ class OutboundBridge(StreamBridge):
                 try:
                     # Marked: a connection to one of our own stolen ports reaches the
                     # target's server, not the daemon again.
-                    sock = await connect_marked((address, port), mark=AGENT_MARK)
+                    sock = await connect_marked((address, port), mark=self._mark)
                     break
                 except OSError as exc:
                     last = exc

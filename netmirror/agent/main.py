@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from netmirror import __version__, logs
-from netmirror.agent.agent import FEATURES, Agent
+from netmirror.agent.agent import FEATURES, TARGETLESS_FEATURES, Agent
 from netmirror.agent.options import AgentOptions
 from netmirror.errors import ConfigError, NetmirrorError
-from netmirror.netfilter import Guard, IptablesNat, clear_stale, detect_backend, session_alive
+from netmirror.netfilter import (
+    Backend,
+    Guard,
+    IptablesNat,
+    clear_stale,
+    detect_backend,
+    session_alive,
+)
 from netmirror.netfilter.mesh import find_mesh
 from netmirror.tasks import keep_heap_mapped, raise_fd_limit
 from netmirror.wire.connection import token_sha256
@@ -116,27 +123,31 @@ def run(options: AgentOptions) -> int:
             options = dataclasses.replace(options, target_pid=pid)
         if netns is not None:
             enter_namespace(netns)
-        backend = detect_backend()
-        mesh = find_mesh()
-        if mesh is not None:
-            log.info("found %s", mesh.describe())
-        # Behind a known mesh's sidecar: steal the plaintext hop it makes to the app.
-        firewall = IptablesNat(
-            options.session, backend=backend, behind_mesh=mesh is not None and mesh.known
-        )
-        firewall.teardown()  # leftovers of an earlier agent of this session
-        guard = Guard.start(options.session, backend)
-        cleared = clear_stale(backend, alive=session_alive)
-        if cleared:
-            log.info("cleared stale rules of dead sessions: %s", ", ".join(cleared))
         info = describe_namespace()
-        info.update(
-            backend=backend.name.lower(),
-            pid=os.getpid(),
-            version=__version__,
-            features=list(FEATURES),
-            mesh=mesh.to_json() if mesh is not None else None,
-        )
+        info.update(pid=os.getpid(), version=__version__)
+        if options.targetless:
+            # A pod of its own: nothing to steal, so no iptables and no guard.
+            backend = Backend.NFT
+            info.update(backend="", features=list(TARGETLESS_FEATURES), mesh=None, targetless=True)
+        else:
+            backend = detect_backend()
+            mesh = find_mesh()
+            if mesh is not None:
+                log.info("found %s", mesh.describe())
+            # Behind a known mesh's sidecar: steal the plaintext hop it makes to the app.
+            firewall = IptablesNat(
+                options.session, backend=backend, behind_mesh=mesh is not None and mesh.known
+            )
+            firewall.teardown()  # leftovers of an earlier agent of this session
+            guard = Guard.start(options.session, backend)
+            cleared = clear_stale(backend, alive=session_alive)
+            if cleared:
+                log.info("cleared stale rules of dead sessions: %s", ", ".join(cleared))
+            info.update(
+                backend=backend.name.lower(),
+                features=list(FEATURES),
+                mesh=mesh.to_json() if mesh is not None else None,
+            )
     except NetmirrorError as exc:
         log.error("%s", exc)
         sys.stdout.write(json.dumps({"error": str(exc)}) + "\n")
@@ -154,8 +165,10 @@ def run(options: AgentOptions) -> int:
             agent = Agent(options, backend=backend, firewall=agent_firewall, info=info)
             runner.run(agent.run(ready, listen_sock=listen_sock))
     finally:
-        agent_firewall.teardown()
-        guard.close()
+        if agent_firewall is not None:
+            agent_firewall.teardown()
+        if guard is not None:
+            guard.close()
     return 0
 
 
@@ -198,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--in-container",
         action="store_true",
         help="the agent runs in a container of its own: what it starts ends with it",
+    )
+    agent.add_argument(
+        "--targetless",
+        action="store_true",
+        help="a pod of its own: outgoing connections, DNS and forwards only (no rules)",
     )
     agent.add_argument("--debug", action="store_true", help="verbose logs")
     return agent
@@ -245,5 +263,6 @@ def main(argv: Sequence[str] | None = None, *, debug: bool = False) -> int:
         target_pid=args.target_pid,
         debug=debug,
         in_container=args.in_container,
+        targetless=args.targetless,
     )
     return run(options)

@@ -21,6 +21,9 @@ class AgentOptions:
     target_pid: int | None = None
     """The target's main process (environment, resolver files); found when unset."""
     debug: bool = False
+    targetless: bool = False
+    """The agent runs in a pod of its own, for nobody's incoming traffic: no firewall,
+    no marks (it may run without any capability), only outgoing, DNS and forwards."""
     in_container: bool = False
     """The agent runs in a container of its own (Kubernetes): the processes it starts
     end with it, the HTTP routers of shared ports among them."""

@@ -24,8 +24,11 @@ log = logging.getLogger(__name__)
 class UdpAssociation:
     """A ``udp`` stream and the target-side sockets it sends from."""
 
-    def __init__(self, tunnel: Tunnel, stats: PortStats, stream_id: int) -> None:
+    def __init__(
+        self, tunnel: Tunnel, stats: PortStats, stream_id: int, *, mark: int = AGENT_MARK
+    ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._mark = mark
         self._sockets: dict[int, socket.socket] = {}
         self.stream = DatagramStream(
             tunnel, stats, stream_id, deliver=self._send, closed=self._close_sockets
@@ -38,7 +41,8 @@ class UdpAssociation:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
                 sock.setblocking(False)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, AGENT_MARK)
+                if self._mark:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
                 self._loop.add_reader(sock.fileno(), self._readable, sock)
             except BaseException:
                 sock.close()

@@ -192,6 +192,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         env = dict(os.environ)
         if "env" in info:
             env = merge_environment(env, info["env"], config.env)
+        elif info.get("targetless"):
+            pass  # no target, no environment: the local one, as asked
         else:
             _err(
                 f"warning: the command gets the local environment only: "
@@ -214,7 +216,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
             workspace = sdir.path / "ns"
             workspace.mkdir(exist_ok=True)
             mounts = (plan, workspace, str(files["root"]))
-        elif config.files.enabled:
+        elif config.files.enabled and not info.get("targetless"):
             _err(f"warning: the command sees this machine's files only: {files.get('error')}")
         say_exec(sdir.name, outcome, command, env_pid=info.get("env_pid"))
         return run_command(command, env, Path(cgroup_path) if cgroup_path else None, mounts=mounts)

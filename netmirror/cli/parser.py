@@ -28,7 +28,9 @@ def _session_args(parser: argparse.ArgumentParser) -> None:
         "--target",
         "-t",
         help="what to attach to: pod/NAME, deployment/NAME, statefulset/NAME (any of them "
-        "with /container/C), netns/NAME (a network namespace) or pid/PID (a process's)",
+        "with /container/C), targetless (Kubernetes: an agent pod of its own, for outgoing "
+        "traffic, DNS and port-forward), netns/NAME (a network namespace) or pid/PID (a "
+        "process's)",
     )
     parser.add_argument(
         "--steal",

@@ -72,6 +72,11 @@ def status_lines(st: SessionStatus) -> list[str]:
             lines.append(f"          last error: {p.last_error}")
     if st.ports:
         lines.append("  (CONNS is total/open; IN is client to local, OUT local to client)")
+    for u in st.unserved:
+        lines.append(
+            f"  port {u.remote}: the command listens on {u.local}, but the target does not "
+            "serve it (left alone)"
+        )
     if st.capture is not None:
         c = st.capture
         lines.append(

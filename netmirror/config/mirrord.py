@@ -114,6 +114,12 @@ class _Converter:
                 if (context := self.text(key, value)) is not None:
                     self.section("kubernetes")["context"] = context
                     self.mapped(key, "kubernetes.context")
+            elif key == "targetless":
+                if value is True:
+                    self.out["target"] = "targetless"
+                    self.mapped(key, "target")
+                elif value is not False:
+                    self.ignored(key, f"not true or false: {value!r:.40}")
             elif key == "kubeconfig":
                 self.ignored(key, "set KUBECONFIG in the environment instead")
             else:
@@ -137,7 +143,9 @@ class _Converter:
 
     def target_path(self, key: str, value: Any) -> None:
         if value == "targetless" or value is None:
-            self.ignored(key, "netmirror needs a target (targetless is not supported yet)")
+            # mirrord: no target (or "targetless"): an agent pod of its own.
+            self.out["target"] = "targetless"
+            self.mapped(key, "target")
             return
         if not isinstance(value, str):
             self.ignored(key, f"not a string: {value!r:.40}")

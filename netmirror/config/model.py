@@ -58,7 +58,7 @@ configuration, so the target's values would break the local command. The
 
 # Loose on purpose: each target kind validates its own NAME later; here we only make
 # sure the value has the KIND/NAME shape so a typo fails before anything is touched.
-_TARGET_RE = re.compile(r"[a-z]+/\S+")
+_TARGET_RE = re.compile(r"[a-z]+/\S+|targetless")
 # Underscores are not valid in DNS names, but container runtimes resolve service
 # names like "my_app", which is exactly what a local process may listen behind.
 _HOST_LABEL_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
@@ -602,7 +602,9 @@ class Config(BaseModel):
     target: str | None = Field(
         default=None,
         description="What to attach to, as KIND/NAME: netns/NAME (a network namespace), "
-        "pid/PID (the network namespace of a process) or pod/NAME (a Kubernetes pod).",
+        "pid/PID (the network namespace of a process), pod/NAME, deployment/NAME or "
+        "statefulset/NAME (Kubernetes; each with /container/C), or targetless (Kubernetes: "
+        "an agent pod of its own, for outgoing traffic, DNS and port-forward only).",
     )
     session: str | None = Field(
         default=None,
@@ -659,7 +661,9 @@ class Config(BaseModel):
     @classmethod
     def _check_target(cls, value: str | None) -> str | None:
         if value is not None and not _TARGET_RE.fullmatch(value):
-            raise ValueError("must look like KIND/NAME, e.g. netns/NAME, pid/PID or pod/NAME")
+            raise ValueError(
+                "must look like KIND/NAME, e.g. netns/NAME, pid/PID or pod/NAME, or be targetless"
+            )
         return value
 
     @field_validator("session")

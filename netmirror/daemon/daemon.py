@@ -29,7 +29,7 @@ from netmirror.config.model import ForwardConfig
 from netmirror.daemon.listeners import descendants, listening_ports
 from netmirror.daemon.pcap import PcapSink, PcapWriter
 from netmirror.daemon.targets import AgentHandle, AgentSettings, resolve_target
-from netmirror.errors import AgentError, NetmirrorError, ProtocolError
+from netmirror.errors import AgentError, NetmirrorError, ProtocolError, TargetError
 from netmirror.net.sockets import tune_tunnel_socket
 from netmirror.netfilter.mesh import Mesh
 from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
@@ -49,6 +49,7 @@ from netmirror.wire.stats import (
     PortStats,
     PortStatus,
     SessionStatus,
+    UnservedPort,
     to_json,
 )
 
@@ -139,6 +140,8 @@ class Daemon:
         self._agent_stopping = False
         self._probes_said: set[int] = set()  # ports whose probes the user was told of
         self._dynamic: set[int] = set()  # ports taken because the exec command listens
+        #: Ports the command listens on that the target does not serve: remote -> local.
+        self.unserved: dict[int, int] = {}
         self._subscribing = asyncio.Lock()  # one (re)subscription round at a time
         self._drain = 0.0  # seconds stolen connections may finish in, at down
         self._forwards: list[tuple[ForwardConfig, asyncio.AbstractServer, PortStats]] = []
@@ -274,7 +277,9 @@ class Daemon:
         """For netmirror exec: the target's environment, and its outgoing traffic."""
         assert self.tunnel is not None
         features = self.tunnel.conn.peer_info.get("features") or []
-        missing = [f for f in ("connect", "resolve", "environ") if f not in features]
+        targetless = self.target is not None and self.target.targetless
+        needed = ("connect", "resolve") if targetless else ("connect", "resolve", "environ")
+        missing = [f for f in needed if f not in features]
         if missing:
             version = self.tunnel.conn.peer_info.get("version", "unknown")
             raise AgentError(
@@ -282,12 +287,15 @@ class Daemon:
                 f"{', '.join(missing)}; use an agent image of netmirror {__version__}"
             )
         result: dict[str, Any] = {}
-        self.progress.step("reading the target's environment")
-        try:
-            environ = await asyncio.wait_for(self.ask("environ", {}), SUBSCRIBE_TIMEOUT)
-            result.update(env=environ.get("env", {}), env_pid=environ.get("pid"))
-        except (NetmirrorError, TimeoutError) as exc:
-            result["env_error"] = str(exc) or "no answer"
+        if self.target is not None and self.target.targetless:
+            result["targetless"] = True  # no target: no environment to read
+        else:
+            self.progress.step("reading the target's environment")
+            try:
+                environ = await asyncio.wait_for(self.ask("environ", {}), SUBSCRIBE_TIMEOUT)
+                result.update(env=environ.get("env", {}), env_pid=environ.get("pid"))
+            except (NetmirrorError, TimeoutError) as exc:
+                result["env_error"] = str(exc) or "no answer"
         if self.config.outgoing.enabled:
             self.progress.step("sending the command's outgoing traffic through the target")
             from netmirror.daemon.exec.outgoing import Outgoing
@@ -478,6 +486,8 @@ class Daemon:
                 if local not in incoming.ignore_ports
             }
             refused &= set(wanted)  # closed and opened again: tried again
+            for remote in [r for r in self.unserved if r not in wanted]:
+                del self.unserved[remote]
             tunnel = self._live_tunnel()
             if tunnel is None:
                 continue  # the reconnect subscribes self.ports again
@@ -488,6 +498,26 @@ class Daemon:
         self, tunnel: Tunnel, wanted: dict[int, int], refused: set[int]
     ) -> None:
         mode = self.config.incoming.mode
+        new = {r: loc for r, loc in wanted.items() if r not in refused and r not in self.ports}
+        features = self.agent.info.get("features") or [] if self.agent is not None else []
+        if new and "listening" in features:
+            try:
+                answer = await asyncio.wait_for(self.ask("listening", {}), SUBSCRIBE_TIMEOUT)
+                served = {int(p) for p in answer.get("ports", [])}
+            except (NetmirrorError, TimeoutError, TypeError, ValueError) as exc:
+                log.info("cannot ask which ports the target serves: %s", exc)
+                served = set(new)  # take them, as without the question
+            for remote, local in sorted(new.items()):
+                if remote not in served:
+                    # Not an error (a debugger's port, a dev server's): said once.
+                    refused.add(remote)
+                    self.unserved[remote] = local
+                    log.warning(
+                        "the command listens on %d, but the target does not serve port %d: "
+                        "left alone",
+                        local,
+                        remote,
+                    )
         for remote, local in sorted(wanted.items()):
             if remote in refused or remote in self.ports:
                 continue
@@ -585,6 +615,10 @@ class Daemon:
             ports=ports,
             capture=self.agent_report.capture,
             outgoing=self.outgoing.status() if self.outgoing is not None else None,
+            unserved=[
+                UnservedPort(remote=remote, local=local)
+                for remote, local in sorted(self.unserved.items())
+            ],
             pcap=self.pcap.status() if self.pcap is not None else None,
             files=self._files_status(),
             forwards=[
@@ -675,7 +709,8 @@ class Daemon:
                     log.error("%s", exc)
                     self.progress.send(error=str(exc))
                     return 1
-            if self.config.files.enabled:
+            targetless = self.target is not None and self.target.targetless
+            if self.config.files.enabled and not targetless:
                 files_start = self.tasks.spawn(self._start_files(), name="files-start")
                 await asyncio.wait([files_start, stop], return_when=asyncio.FIRST_COMPLETED)
                 if not files_start.done():
@@ -683,7 +718,12 @@ class Daemon:
                     self.progress.send(error="stopped while starting")
                     return 1
                 exec_info["files"] = files_start.result()
-            if self.exec and not self.ports and self.config.incoming.mode != "off":
+            if (
+                self.exec
+                and not self.ports
+                and self.config.incoming.mode != "off"
+                and not targetless
+            ):
                 self.tasks.spawn(self._watch_listeners(), name="listeners")
             self.state = "ready"
             self.progress.send(ready=True, status=to_json(self.status()), exec=exec_info)
@@ -699,6 +739,12 @@ class Daemon:
     async def _start(self) -> asyncio.Task[str]:
         target = resolve_target(self.record.target, self.config, session=self.record.name)
         self.target = target
+        if target.targetless and self.config.active_ports():
+            ports = ", ".join(str(p.remote) for p in self.config.active_ports())
+            raise TargetError(
+                f"a targetless session takes no incoming traffic (ports {ports}): "
+                "drop --steal/--mirror and ports:, or give a target (--target pod/NAME)"
+            )
         if self.config.pcap is not None:
             self.pcap = PcapWriter(Path(self.config.pcap.path), self.config.pcap.max_bytes)
         self.progress.step(f"starting the agent in {target.describe()}")
@@ -710,7 +756,8 @@ class Daemon:
             ready_timeout=self.config.agent.ready_timeout,
             debug=self.debug,
             # Reading another user's environment and root takes the same capability.
-            read_environment=bool(self.exec) or self.config.files.enabled,
+            read_environment=(bool(self.exec) or self.config.files.enabled)
+            and not target.targetless,
         )
         self.agent = await target.start_agent(
             settings, log_file=self.log_file, progress=self.progress.step

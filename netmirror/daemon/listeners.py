@@ -13,24 +13,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from netmirror.net.procnet import parse_listeners
+
 __all__ = ["descendants", "listening_ports", "parse_listeners"]
-
-_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's st column
-
-
-def parse_listeners(text: str) -> dict[int, int]:
-    """Listening sockets in a ``/proc/net/tcp`` or ``tcp6`` table: inode -> port."""
-    found: dict[int, int] = {}
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 10 or fields[3] != _LISTEN:
-            continue
-        _address, _, port = fields[1].rpartition(":")
-        try:
-            found[int(fields[9])] = int(port, 16)
-        except ValueError:
-            continue
-    return found
 
 
 def _socket_inodes(pids: Iterable[int]) -> set[int]:

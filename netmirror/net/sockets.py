@@ -129,13 +129,14 @@ async def connect_marked(address: tuple[str, int], *, mark: int) -> socket.socke
     """A connected non-blocking TCP socket to ``address``, carrying ``mark`` (SO_MARK).
 
     The mark lets the connection pass the session's own REDIRECT rules, so a
-    connection to a stolen port reaches the target's server, not netmirror again.
-    Raises OSError (the socket is closed) if the connection fails.
+    connection to a stolen port reaches the target's server, not netmirror again
+    (0: no mark). Raises OSError (the socket is closed) if the connection fails.
     """
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        if mark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:

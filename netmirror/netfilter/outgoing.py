@@ -80,6 +80,8 @@ class OutgoingRules:
     """The daemon's transparent UDP socket (TPROXY), or None to leave UDP alone."""
     mark: int = 0
     """The mark of the cgroup's sockets (0: no routes, no UDP)."""
+    ipv6: bool = True
+    """This machine has IPv6 (loopback): routes and UDP for IPv6 too."""
 
     def __post_init__(self) -> None:
         if not self.cgroup.startswith("/") or any(c in self.cgroup for c in "\"'\n\\ "):
@@ -231,7 +233,6 @@ class OutgoingFirewall:
         policy routing, IPv6) may be missing here: then that part is left out, and
         the returned lines say what the command loses.
         """
-        from netmirror.net.sockets import has_ipv6
         from netmirror.netfilter.routing import plan_routes
 
         self.nat.apply(self.nat.plan_for(rules))
@@ -239,7 +240,7 @@ class OutgoingFirewall:
             return []
         warnings: list[str] = []
         families = tuple(
-            f for f in self.nat.families if f == 4 or (has_ipv6() and self.nat._family_usable(f))
+            f for f in self.nat.families if f == 4 or (rules.ipv6 and self.nat._family_usable(f))
         )
         udp = rules.udp_port is not None
         try:

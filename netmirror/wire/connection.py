@@ -46,7 +46,7 @@ ZERO_COPY_SHARE = 4
 MAX_REASON = 1024
 
 #: What the daemon may ask the agent with a REQUEST, besides streams and ports.
-OPS = ("resolve", "environ", *FILE_OPS)
+OPS = ("resolve", "environ", "listening", *FILE_OPS)
 
 
 def token_sha256(token: str) -> bytes:

@@ -235,6 +235,14 @@ class ForwardStatus(PortStats):
 
 
 @dataclass
+class UnservedPort:
+    """A port the exec command listens on that the target does not serve: left alone."""
+
+    remote: int = 0
+    local: int = 0
+
+
+@dataclass
 class SessionStatus:
     """What ``netmirror status`` shows of one session."""
 
@@ -252,6 +260,7 @@ class SessionStatus:
     pcap: PcapStatus | None = None
     files: FilesStatus | None = None
     forwards: list[ForwardStatus] = field(default_factory=list)
+    unserved: list[UnservedPort] = field(default_factory=list)
     error: str = ""
     """Why the session did not answer, when it did not."""
 

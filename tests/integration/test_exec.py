@@ -418,9 +418,12 @@ def test_the_ports_the_command_listens_on_are_taken_and_given_back(
     # The command: a server that starts a moment later, and stops when told (a line
     # on its stdin) while the command goes on.
     kind = "http --text local" if mode == "steal" else f"sink --log {log}"
+    # And a port the pod does not serve (a debugger's, say): reported, left alone.
+    extra = free_port()
     script = (
         f"sleep 1; {sys.executable} {SERVERS} {kind} --port {local} --host 127.0.0.1"
-        " & server=$!; read line; kill $server; sleep 60"
+        f" & server=$!; {sys.executable} {SERVERS} echo --port {extra} --host 127.0.0.1 &"
+        " read line; kill $server; sleep 60"
     )
     name = session_name(env, 1)
     argv = [sys.executable, "-m", "netmirror", "exec", "--target", env.sandbox.target]
@@ -439,6 +442,18 @@ def test_the_ports_the_command_listens_on_are_taken_and_given_back(
             return any(p["remote"] == pod_port and p["state"] == "active" for p in ports)
 
         eventually(taken, 15, "the port the command listens on was not taken", interval=0.2)
+
+        def unserved() -> list[dict[str, int]]:
+            out = env.netmirror("status", "--json", "--session", name).stdout
+            return list(json.loads(out)["sessions"][0].get("unserved", []))
+
+        eventually(lambda: unserved() != [], 5, "the unserved port was not reported")
+        time.sleep(1.2)  # two more looks at the command's ports: still once, still alone
+        assert unserved() == [{"remote": extra, "local": extra}]
+        text = env.netmirror("status", "--session", name).stdout
+        assert text.count("the target does not serve it (left alone)") == 1, text
+        st = json.loads(env.netmirror("status", "--json", "--session", name).stdout)
+        assert extra not in [p["remote"] for p in st["sessions"][0]["ports"]]
         if mode == "steal":
             assert _get(url) == "local"
         else:

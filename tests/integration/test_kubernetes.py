@@ -137,6 +137,10 @@ class FakeCluster:
         self.job_pods: set[str] = set()
         self.spec_problems: list[str] = []
         self.portforward = FakePortForward(self._resolve, connect=self._connect)
+        self.job_hosts: dict[str, str] = {}
+        """Names the job pods' /etc/hosts knows (the cluster's DNS, for these tests)."""
+        self.on_job_netns: Callable[[str], Awaitable[None]] | None = None
+        """Called with a job pod's network namespace before its container starts."""
 
     def _resolve(self, ns: str, pod: str, port: int) -> tuple[str, int] | None:
         if (ns, pod) == (NS, POD):
@@ -169,7 +173,19 @@ class FakeCluster:
         netns = self.job_netns_of(pod_name)
         await asyncio.to_thread(_make_netns, netns)
         self.job_netns.append(netns)
-        options = ["--network", f"ns:/run/netns/{netns}", *security_options(container)]
+        if self.on_job_netns is not None:
+            await self.on_job_netns(netns)
+        # The pod's securityContext applies to its containers, which may override it.
+        context = {
+            **(spec.get("securityContext") or {}),
+            **(container.get("securityContext") or {}),
+        }
+        options = [
+            "--network",
+            f"ns:/run/netns/{netns}",
+            *security_options({"securityContext": context}),
+        ]
+        options += [f"--add-host={name}:{ip}" for name, ip in self.job_hosts.items()]
         if spec.get("hostPID"):
             options += ["--pid", "host"]
         self.agents.append(await self._run_container(f"nm-job-{name}"[:60], options, container))
@@ -1010,3 +1026,133 @@ async def test_the_kubelets_probes_stay_with_the_target(
     code, _, err = await run(kenv, "down", "--session", "probes")
     assert code == 0, err
     assert env.chains() == ""
+
+
+async def test_targetless_an_agent_pod_of_its_own_for_outgoing_dns_and_forwards(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]], tmp_path: Path
+) -> None:
+    fake, kenv = cluster
+    # A service only the agent's own pod reaches, by a name only its resolver knows.
+    service_ip = f"10.250.{env.sandbox.index}.1"
+    fake.job_hosts = {"orders.shop.svc": service_ip}
+    servers: list[subprocess.Popen[bytes]] = []
+
+    async def serve_in(netns: str) -> None:
+        def start() -> None:
+            subprocess.run(
+                ["ip", "-n", netns, "addr", "add", f"{service_ip}/32", "dev", "lo"], check=True
+            )
+            for kind, port in (("http", 8000), ("udp-echo", 7007)):
+                argv = [sys.executable, str(SUPPORT / "servers.py"), kind, "--port", str(port)]
+                proc = subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        netns,
+                        *argv,
+                        "--host",
+                        service_ip,
+                        "--text",
+                        "orders\n",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                )
+                servers.append(proc)
+                assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+
+        await asyncio.to_thread(start)
+
+    fake.on_job_netns = serve_in
+    udp = (
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); "
+        "s.connect(('orders.shop.svc', 7007)); s.send(b'ping'); print(s.recv(200).decode())"
+    )
+    script = (
+        "curl -sS -m 5 http://orders.shop.svc:8000/; "
+        f'{sys.executable} -c "{udp}"; '
+        'echo "color=${APP_COLOR:-unset}"'
+    )
+    try:
+        code, out, err = await run(
+            kenv,
+            "exec",
+            "--target",
+            "targetless",
+            "--session",
+            "tl",
+            "--",
+            "sh",
+            "-c",
+            script,
+            timeout=120,
+        )
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines[0] == "orders", err
+        assert lines[1].startswith("from ") and lines[1].endswith(": ping"), lines
+        # No target, so no environment of one: the local environment only.
+        assert lines[2] == "color=unset"
+        # The agent ran as a job of its own, with no capability and not as root.
+        (job,) = fake.jobs
+        spec = job["spec"]["template"]["spec"]
+        assert "hostPID" not in spec and "nodeName" not in spec
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        (agent_container,) = spec["containers"]
+        assert agent_container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert "--targetless" in agent_container["args"]
+        assert fake.patches == []  # nobody's pod was touched
+        assert fake.spec_problems == []
+        # Gone when the command ended: the job is deleted, its agent has exited.
+        (agent,) = fake.agents
+        await asyncio.to_thread(agent.wait, 15)
+        name = job["metadata"]["name"]
+        async with fake.http.get(
+            f"{fake.kmock_url}/apis/batch/v1/namespaces/{NS}/jobs/{name}"
+        ) as response:
+            assert response.status == 404
+
+        # port-forward through a targetless agent, in the foreground until Ctrl-C.
+        local = free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "netmirror",
+            "port-forward",
+            "--target",
+            "targetless",
+            "--session",
+            "tl2",
+            "-L",
+            f"{local}:orders.shop.svc:8000",
+            env=kenv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 60)
+        assert first.decode().startswith(f"forwarding 127.0.0.1:{local} -> orders.shop.svc:8000")
+        assert await curl(f"http://127.0.0.1:{local}/") == "orders\n"
+        proc.send_signal(2)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        assert len(fake.jobs) == 2
+        second = fake.agents[1]
+        await asyncio.to_thread(second.wait, 15)
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+
+
+async def test_targetless_refuses_incoming_traffic_before_starting_anything(
+    env: Env, cluster: tuple[FakeCluster, dict[str, str]]
+) -> None:
+    fake, kenv = cluster
+    code, _out, err = await run(
+        kenv, "up", "--target", "targetless", "--steal", "8080:9", "--session", "tl3"
+    )
+    assert code != 0
+    assert "a targetless session takes no incoming traffic (ports 8080)" in err
+    assert len(err.strip().splitlines()) <= 3, err
+    assert fake.jobs == []

@@ -309,6 +309,7 @@ class Outgoing:
             dns_tcp_port=dns_tcp_port if self.config.dns else None,
             udp_port=udp_port,
             mark=self.mark,
+            ipv6=has_ipv6(),
             include=tuple(self.config.include),
             exclude=tuple(self.config.exclude),
         )

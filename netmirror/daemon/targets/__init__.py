@@ -45,10 +45,12 @@ def agent_port(session: str) -> int:
 def resolve_target(spec: str, config: Config | None = None, *, session: str = "") -> Target:
     """Turn ``kind/name`` into a :class:`Target`, or raise :class:`TargetError`."""
     kind, sep, name = spec.partition("/")
+    if spec == "targetless":
+        kind, sep, name = "targetless", "/", "-"
     if not sep or not name:
         raise TargetError(
             f"target {spec!r} is not KIND/NAME (netns/NAME, pid/PID"
-            f"{', ' + ', '.join(k + '/NAME' for k in KUBERNETES_KINDS)})"
+            f"{', ' + ', '.join(k + '/NAME' for k in KUBERNETES_KINDS)}) or targetless"
         )
     if kind == "netns":
         path = NETNS_DIR / name
@@ -70,7 +72,7 @@ def resolve_target(spec: str, config: Config | None = None, *, session: str = ""
         if not os.access(path, os.R_OK):
             raise TargetError(f"cannot enter the network namespace of pid {name}: run as root")
         return LocalNamespaceTarget(spec, path, pid=int(name))
-    if kind in KUBERNETES_KINDS:
+    if kind in KUBERNETES_KINDS or kind == "targetless":
         from netmirror.config import Config
         from netmirror.daemon.targets.kube import KubeTarget
 

@@ -82,6 +82,9 @@ class Target(abc.ABC):
     #: The mesh the target's own description names (Kubernetes: its sidecar
     #: containers and annotations), to compare with what the agent finds.
     mesh_hint: str | None = None
+    #: No target: an agent of its own, for outgoing traffic, DNS and port-forward only
+    #: (no incoming traffic, no environment, no files).
+    targetless: bool = False
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -1,5 +1,5 @@
 """Kubernetes targets: ``pod/NAME``, ``deployment/NAME``, ``statefulset/NAME``,
-each optionally ``.../container/C``.
+each optionally ``.../container/C``; and ``targetless``.
 
 Resolution finds one running, ready pod. The agent is started either as an
 ephemeral container in that pod (it shares the pod's network namespace) or as a
@@ -128,6 +128,56 @@ def agent_job(
                                     "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"],
                                     "drop": ["ALL"],
                                 },
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+#: The user a targetless agent runs as: it needs no privilege at all.
+TARGETLESS_USER = 65532
+
+
+def targetless_job(
+    settings: AgentSettings, *, name: str, namespace: str, image: str, port: int
+) -> dict[str, Any]:
+    """A job whose pod runs only the agent: no target, so no capability and no root.
+
+    It passes the ``restricted`` Pod Security Standard: non-root, no privilege
+    escalation, every capability dropped, the runtime's default seccomp profile.
+    """
+    labels = {**LABELS, SESSION_LABEL: settings.session, "netmirror.dev/targetless": "true"}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": JOB_DEADLINE,
+            "ttlSecondsAfterFinished": JOB_TTL_AFTER_FINISHED,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": TARGETLESS_USER,
+                        "runAsGroup": TARGETLESS_USER,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "agent",
+                            "image": image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": [*agent_args(settings, port), "--targetless"],
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
                             },
                         }
                     ],
@@ -271,7 +321,8 @@ class KubeTarget(Target):
         port: int,
     ) -> None:
         self.spec = spec
-        self.kube = parse_spec(spec)
+        self.targetless = spec == "targetless"
+        self.kube = None if self.targetless else parse_spec(spec)
         self.namespace = namespace
         self.context = context
         self.image = image
@@ -280,6 +331,8 @@ class KubeTarget(Target):
 
     def describe(self) -> str:
         where = f" in namespace {self.namespace}" if self.namespace else ""
+        if self.targetless:
+            return f"a pod of its own (targetless){where}"
         return f"{self.kube}{where}"
 
     async def start_agent(
@@ -287,6 +340,9 @@ class KubeTarget(Target):
     ) -> AgentHandle:
         say = progress or (lambda _text: None)
         cluster = await KubeCluster.connect(context=self.context, namespace=self.namespace)
+        if self.targetless:
+            return await self._start_targetless(cluster, settings, say)
+        assert self.kube is not None
         try:
             pod, container = await cluster.resolve(self.kube, say)
             self.volume_paths = volume_paths(pod, container)
@@ -326,6 +382,48 @@ class KubeTarget(Target):
             "node": pod.spec.node_name,
         }
         return KubeAgent(cluster, forwarder, http, info=info, job=job)
+
+    async def _start_targetless(
+        self, cluster: KubeCluster, settings: AgentSettings, say: Progress
+    ) -> AgentHandle:
+        """A job of the agent alone, in the namespace; deleted when the session ends."""
+        name = f"netmirror-{settings.session}-{secrets.token_hex(3)}"
+        ns = cluster.namespace
+        body = targetless_job(settings, name=name, namespace=ns, image=self.image, port=self.port)
+        http: aiohttp.ClientSession | None = None
+        created = False
+        try:
+            say(f"starting agent job {name} in namespace {ns} (targetless)")
+            try:
+                await cluster.batch.create_namespaced_job(ns, body)
+            except Exception as exc:
+                raise api_error(exc, verb="create", resource="jobs", namespace=ns) from None
+            created = True
+            agent_pod = await self._wait_job_pod(cluster, name, settings)
+            http = aiohttp.ClientSession()
+            session = http
+            endpoint = cluster.endpoint
+
+            async def opener() -> Any:
+                return await open_stream(
+                    session, endpoint, namespace=ns, pod=agent_pod, port=self.port
+                )
+
+            forwarder = LocalForwarder(opener, path=settings.workdir / "agent.sock")
+            await forwarder.start()
+        except BaseException:
+            if created:
+                with contextlib.suppress(Exception):
+                    await cluster.batch.delete_namespaced_job(
+                        name, ns, propagation_policy="Background"
+                    )
+            if http is not None:
+                await http.close()
+            await cluster.close()
+            raise
+        say(f"port-forwarding to {ns}/{agent_pod}:{self.port}")
+        info = {"pod": agent_pod, "namespace": ns, "agent": name, "mode": "targetless"}
+        return KubeAgent(cluster, forwarder, http, info=info, job=name)
 
     async def _start_ephemeral(
         self,
@@ -383,6 +481,10 @@ class KubeTarget(Target):
             await cluster.batch.create_namespaced_job(ns, body)
         except Exception as exc:
             raise api_error(exc, verb="create", resource="jobs", namespace=ns) from None
+        return await self._wait_job_pod(cluster, name, settings)
+
+    async def _wait_job_pod(self, cluster: KubeCluster, name: str, settings: AgentSettings) -> str:
+        """The name of the job's pod, once its agent runs."""
         deadline = asyncio.get_running_loop().time() + settings.ready_timeout
         found: list[str] = []  # the job's pod, once seen
         last = ["not started"]

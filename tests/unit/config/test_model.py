@@ -150,7 +150,8 @@ def test_config_error_is_a_netmirror_error() -> None:
         ({"target": 5}, "target: 5 is not a string"),
         (
             {"target": "mypod"},
-            "target: 'mypod' must look like KIND/NAME, e.g. netns/NAME, pid/PID or pod/NAME",
+            "target: 'mypod' must look like KIND/NAME, e.g. netns/NAME, pid/PID or pod/NAME, "
+            "or be targetless",
         ),
         ({5: "x"}, "key 5 is not a string"),
         (
@@ -565,7 +566,7 @@ def test_an_invalid_file_fails_even_if_overridden(in_tmp: Path) -> None:
             {"NETMIRROR_TARGET": "web"},
             NO_FLAGS,
             "NETMIRROR_TARGET: 'web' must look like KIND/NAME, "
-            "e.g. netns/NAME, pid/PID or pod/NAME",
+            "e.g. netns/NAME, pid/PID or pod/NAME, or be targetless",
         ),
         (
             {"NETMIRROR_SESSION": "My Session"},
@@ -582,7 +583,7 @@ def test_an_invalid_file_fails_even_if_overridden(in_tmp: Path) -> None:
             {"NETMIRROR_TARGET": "web", "NETMIRROR_SESSION": "-x"},
             NO_FLAGS,
             "NETMIRROR_TARGET: 'web' must look like KIND/NAME, e.g. netns/NAME, pid/PID or "
-            "pod/NAME (and 1 more)",
+            "pod/NAME, or be targetless (and 1 more)",
         ),
         ({}, Overrides(steal=["abc"]), "--steal: 'abc' is not REMOTE[:LOCAL]"),
         ({}, Overrides(mirror=["80:0"]), "--mirror: 0 is not a port (1-65535)"),
@@ -591,7 +592,8 @@ def test_an_invalid_file_fails_even_if_overridden(in_tmp: Path) -> None:
         (
             {},
             Overrides(target="web"),
-            "--target: 'web' must look like KIND/NAME, e.g. netns/NAME, pid/PID or pod/NAME",
+            "--target: 'web' must look like KIND/NAME, e.g. netns/NAME, pid/PID or pod/NAME, "
+            "or be targetless",
         ),
         (
             {},
@@ -604,7 +606,8 @@ def test_an_invalid_file_fails_even_if_overridden(in_tmp: Path) -> None:
         (
             {"NETMIRROR_TARGET": "netns/ok"},
             Overrides(target="bad"),
-            "--target: 'bad' must look like KIND/NAME, e.g. netns/NAME, pid/PID or pod/NAME",
+            "--target: 'bad' must look like KIND/NAME, e.g. netns/NAME, pid/PID or pod/NAME, "
+            "or be targetless",
         ),
     ],
 )
@@ -700,7 +703,8 @@ def test_exec_sections_survive_a_json_round_trip() -> None:
         ({"outgoing": {"dns": []}}, "outgoing.dns: [] is not true or false"),
         (
             {"outgoing": {"exlude": []}},
-            "outgoing.exlude: unknown key (expected one of enabled, include, exclude, dns, udp, method)",
+            "outgoing.exlude: unknown key "
+            "(expected one of enabled, include, exclude, dns, udp, method)",
         ),
         ({"env": {"include": ["*", ""]}}, "env.include[1]: '' must not be empty"),
         ({"env": {"exclude": [""]}}, "env.exclude[0]: '' must not be empty"),
