@@ -618,7 +618,7 @@ class Suite:
         samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
         errors: list[str] = []
         for rnd in range(self.args.rounds):
-            for clients in (1, 50):
+            for clients in (1, 8, 50):
                 requests = self.args.redis_requests * (5 if clients > 1 else 1)
                 for path in rotated(PATHS, rnd):
                     host, port = self.addr(path, "redis")
@@ -1092,7 +1092,7 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
         values = {p: (http.get(p) or {}).get(f"{pct}_us") for p in PATHS}
         rows.append(Row(f"HTTP latency {pct}", values, "us"))
     redis = get("redis", "median") or {}
-    for key in ("GET/c1", "SET/c1", "GET/c50", "SET/c50"):
+    for key in ("GET/c1", "SET/c1", "GET/c8", "SET/c8", "GET/c50", "SET/c50"):
         by_path = redis.get(key) or {}
         test, clients = key.split("/c")
         label = f"redis {test}, -c {clients}"
@@ -1394,7 +1394,7 @@ def plots(results: dict[str, Any]) -> list[Path]:
         save(fig, "http.png")
     redis = (sc.get("redis") or {}).get("median")
     if redis:
-        keys = [k for k in ("GET/c1", "SET/c1", "GET/c50", "SET/c50") if k in redis]
+        keys = [k for k in ("GET/c1", "SET/c1", "GET/c8", "SET/c8", "GET/c50", "SET/c50") if k in redis]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         grouped(
             a1,

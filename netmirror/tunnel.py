@@ -38,6 +38,77 @@ SOCKET_HIGH_WATER = 256 * 1024
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
+def _sink_queue() -> type[Any] | None:
+    """aiohttp's websocket message queue, with binary messages handed over at once.
+
+    aiohttp's parser puts every message in a queue and wakes the task waiting in
+    ``receive()``: a future and an event-loop turn per message, the largest part of
+    the tunnel's cost per message when traffic is one request at a time. The
+    subclass calls the tunnel's sink from the parser instead, in the same callback
+    that read the bytes, while the queue is empty (so order is kept); anything else
+    (control frames, what came before the sink was set) goes through the queue
+    as before. aiohttp creates its queue by the module-level name, which is
+    replaced here; the class behaves exactly as aiohttp's while no sink is set, so
+    other websockets of the process are unchanged. Where aiohttp's layout differs
+    (another version), nothing is replaced and ``receive()`` does all.
+    """
+    try:
+        import aiohttp.client as client_module
+        import aiohttp.web_ws as web_ws_module
+        from aiohttp._websocket.reader import WebSocketDataQueue
+    except ImportError:
+        return None
+    if (
+        getattr(client_module, "WebSocketDataQueue", None) is not WebSocketDataQueue
+        or getattr(web_ws_module, "WebSocketDataQueue", None) is not WebSocketDataQueue
+    ):
+        return None
+    binary = aiohttp.WSMsgType.BINARY
+
+    class SinkQueue(WebSocketDataQueue):
+        sink: Callable[[bytes], object] | None = None
+
+        def feed_data(self, data: Any, size: int) -> None:
+            sink = self.sink
+            if sink is not None and data[0] == binary and not self._buffer:
+                sink(data[1])
+                return
+            super().feed_data(data, size)
+
+    client_module.WebSocketDataQueue = SinkQueue  # type: ignore[attr-defined]
+    web_ws_module.WebSocketDataQueue = SinkQueue  # type: ignore[attr-defined]
+    return SinkQueue
+
+
+_SinkQueue = _sink_queue()
+_BINARY = int(aiohttp.WSMsgType.BINARY)
+
+
+def _direct_writer(ws: Any) -> tuple[Callable[[bytes, int, int], None], Any] | None:
+    """aiohttp's synchronous frame writer and its protocol, where this aiohttp has them.
+
+    ``send_bytes`` is a coroutine: called from a task, it costs a task wakeup per batch
+    of frames. The writer's own synchronous method writes the same frame (masked on
+    the client side); flow control stays ours (the protocol says when the transport is
+    full, and the writer task then waits for it to drain).
+    """
+    writer = getattr(ws, "_writer", None)
+    write = getattr(writer, "_write_websocket_frame", None)
+    protocol = getattr(writer, "protocol", None)
+    if (
+        write is None
+        or getattr(writer, "compress", None)
+        or not hasattr(protocol, "writing_paused")
+        or not hasattr(protocol, "_drain_helper")
+    ):
+        return None
+    return write, protocol
+
+
+#: Queued to wake a reader whose sink stopped; never reaches the protocol.
+_WAKE_MESSAGE = aiohttp.WSMessage(aiohttp.WSMsgType.BINARY, b"", None)
+
+
 class Endpoint(Protocol):
     """What the tunnel dispatches a stream's events to."""
 
@@ -350,12 +421,24 @@ class Tunnel:
         self._waiters = _Waiters()
         self._closed = False
         self._ended = asyncio.Event()
+        self._flush_soon = False
+        # Frames are written straight to the transport while it takes them (a task
+        # wakeup per batch saved); once it is full, the writer task waits for it.
+        self._direct = _direct_writer(ws)
+        self._draining = False
         self._writer_task: asyncio.Task[None] | None = None
+        self._sink_failed = False
         self.close_reason = ""
 
     def kick(self, bridge: Endpoint | None = None) -> None:
-        """Output is queued: wake the writer (and apply backpressure if behind)."""
-        self._wakeup.set()
+        """Output is queued: flush it at the end of this loop turn (with everything else
+        queued meanwhile), and apply backpressure if the websocket is behind."""
+        if not self._flush_soon:
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+                self._flush_soon = True
+            except RuntimeError:  # no loop running (a test driving the protocol)
+                self._wakeup.set()
         if bridge is not None and self.conn.pending_output > OUTPUT_HIGH_WATER:
             self._waiters.paused.add(bridge)
             bridge.pause_for_output()
@@ -432,38 +515,70 @@ class Tunnel:
 
     async def _reader(self) -> None:
         ws = self.ws
-        conn = self.conn
-        bridges = self.bridges
-        while True:
-            msg = await ws.receive()
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                try:
-                    conn.receive_data(msg.data)
-                except ProtocolError as exc:
-                    log.warning("closing the tunnel: %s", exc)
-                    self.close_reason = str(exc)
-                    for event in conn.events_received():
-                        self._dispatch(event, bridges)
-                    self._wakeup.set()
+        queue = getattr(ws, "_reader", None)
+        if _SinkQueue is not None and isinstance(queue, _SinkQueue):
+            # Binary messages are handled as the parser finds them (see _SinkQueue);
+            # receive() still brings what was queued before, and control messages.
+            queue.sink = self._receive
+        try:
+            while True:
+                msg = await ws.receive()
+                if self._sink_failed:
                     return
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    if not self._receive(msg.data):
+                        return
+                elif msg.type in (
+                    aiohttp.WSMsgType.CLOSE,
+                    aiohttp.WSMsgType.CLOSING,
+                    aiohttp.WSMsgType.CLOSED,
+                ):
+                    self.close_reason = self.close_reason or "the peer closed the tunnel"
+                    return
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    self.close_reason = f"websocket error: {ws.exception()!r}"
+                    return
+                else:
+                    self.conn.fail("protocol", f"unexpected websocket message type {msg.type.name}")
+                    self.close_reason = f"unexpected websocket message type {msg.type.name}"
+                    return
+        finally:
+            if _SinkQueue is not None and isinstance(queue, _SinkQueue):
+                queue.sink = None
+
+    def _receive(self, data: bytes) -> bool:
+        """One binary message: into the protocol, its events out. False once the tunnel
+        must close (a protocol error): the reader is woken to end."""
+        conn = self.conn
+        try:
+            try:
+                conn.receive_data(data)
+            except ProtocolError as exc:
+                log.warning("closing the tunnel: %s", exc)
+                self.close_reason = str(exc)
                 for event in conn.events_received():
-                    self._dispatch(event, bridges)
-                if conn.pending_output:
-                    self._wakeup.set()
-            elif msg.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-            ):
-                self.close_reason = self.close_reason or "the peer closed the tunnel"
-                return
-            elif msg.type == aiohttp.WSMsgType.ERROR:
-                self.close_reason = f"websocket error: {ws.exception()!r}"
-                return
-            else:
-                conn.fail("protocol", f"unexpected websocket message type {msg.type.name}")
-                self.close_reason = f"unexpected websocket message type {msg.type.name}"
-                return
+                    self._dispatch(event, self.bridges)
+                self._wakeup.set()
+                self._sink_stop()
+                return False
+            for event in conn.events_received():
+                self._dispatch(event, self.bridges)
+            if conn.pending_output:
+                self._wakeup.set()
+            return True
+        except Exception as exc:  # a bug in a bridge must not break the websocket's parser
+            log.exception("closing the tunnel")
+            self.close_reason = f"internal error: {exc!r}"
+            self._sink_stop()
+            return False
+
+    def _sink_stop(self) -> None:
+        """Handle no more messages; wake the reader (waiting in receive()) to end."""
+        self._sink_failed = True
+        queue = getattr(self.ws, "_reader", None)
+        if _SinkQueue is not None and isinstance(queue, _SinkQueue) and queue.sink is not None:
+            queue.sink = None
+            queue.feed_data(_WAKE_MESSAGE, 0)
 
     def _dispatch(self, event: ev.Event, bridges: dict[int, Endpoint]) -> None:
         # Stream traffic first: it is nearly every event.
@@ -491,6 +606,33 @@ class Tunnel:
             self.close_reason = f"{event.code}: {event.message}"
         self._handler(event)
 
+    def _flush(self) -> None:
+        """Write what the protocol queued this turn, as frames, without a task switch."""
+        self._flush_soon = False
+        direct = self._direct
+        if direct is None or self._draining or self._closed or self._writer_task is None:
+            self._wakeup.set()  # the writer task does it
+            return
+        write, protocol = direct
+        try:
+            for message in self.conn.messages_to_send(WS_MESSAGE_SIZE):
+                for start in range(0, len(message), WS_MAX_MESSAGE):
+                    write(message[start : start + WS_MAX_MESSAGE], _BINARY, 0)
+        except ConnectionError as exc:  # the transport is closing: the reader ends it
+            log.debug("websocket send failed: %r", exc)
+            return
+        if protocol.writing_paused:
+            self._draining = True
+            self._wakeup.set()
+        else:
+            self._resume_bridges()
+
+    def _resume_bridges(self) -> None:
+        if self._waiters.paused and self.conn.pending_output < OUTPUT_HIGH_WATER // 2:
+            paused, self._waiters.paused = self._waiters.paused, set()
+            for bridge in paused:
+                bridge.resume_after_output()
+
     async def _writer(self) -> None:
         conn = self.conn
         wakeup = self._wakeup
@@ -498,14 +640,14 @@ class Tunnel:
             await wakeup.wait()
             wakeup.clear()
             try:
+                if self._draining and self._direct is not None:
+                    await self._direct[1]._drain_helper()
+                    self._draining = False
                 await self._send_queued()
             except (ConnectionError, RuntimeError) as exc:
                 log.debug("websocket send failed: %r", exc)
                 return
-            if self._waiters.paused and conn.pending_output < OUTPUT_HIGH_WATER // 2:
-                paused, self._waiters.paused = self._waiters.paused, set()
-                for bridge in paused:
-                    bridge.resume_after_output()
+            self._resume_bridges()
             if self._closed and not conn.pending_output:
                 return
 
