@@ -67,7 +67,11 @@ class UdpAssociation:
             except OSError as exc:  # e.g. ECONNREFUSED from an ICMP port unreachable
                 log.debug("UDP association %d: %s", self.stream.stream_id, exc)
                 continue
-            self.stream.send(str(source[0]), int(source[1]), payload)
+            host = str(source[0]).split("%", 1)[0]  # a link-local source's scope: not carried
+            try:
+                self.stream.send(host, int(source[1]), payload)
+            except ValueError as exc:
+                log.debug("UDP association %d: answer dropped: %s", self.stream.stream_id, exc)
 
     def _close_sockets(self) -> None:
         for sock in self._sockets.values():

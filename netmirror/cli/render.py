@@ -73,9 +73,10 @@ def status_lines(st: SessionStatus) -> list[str]:
     if st.ports:
         lines.append("  (CONNS is total/open; IN is client to local, OUT local to client)")
     for u in st.unserved:
+        what = "stolen anyway" if u.taken else "left alone"
         lines.append(
             f"  port {u.remote}: the command listens on {u.local}, but the target does not "
-            "serve it (left alone)"
+            f"serve it ({what})"
         )
     if st.capture is not None:
         c = st.capture

@@ -508,15 +508,18 @@ class Daemon:
                 log.info("cannot ask which ports the target serves: %s", exc)
                 served = set(new)  # take them, as without the question
             for remote, local in sorted(new.items()):
-                if remote not in served:
-                    # Not an error (a debugger's port, a dev server's): said once.
-                    refused.add(remote)
+                if remote not in served and remote not in self.unserved:
+                    # Not an error (a debugger's port, a port still being written): said
+                    # once. A copy of nothing is pointless; a steal of it still gets
+                    # the connections made to the pod's address.
                     self.unserved[remote] = local
+                    if mode != "steal":
+                        refused.add(remote)
                     log.warning(
-                        "the command listens on %d, but the target does not serve port %d: "
-                        "left alone",
+                        "the command listens on %d, but the target does not serve port %d: %s",
                         local,
                         remote,
+                        "stolen anyway" if mode == "steal" else "left alone",
                     )
         for remote, local in sorted(wanted.items()):
             if remote in refused or remote in self.ports:
@@ -616,7 +619,7 @@ class Daemon:
             capture=self.agent_report.capture,
             outgoing=self.outgoing.status() if self.outgoing is not None else None,
             unserved=[
-                UnservedPort(remote=remote, local=local)
+                UnservedPort(remote=remote, local=local, taken=self.config.incoming.mode == "steal")
                 for remote, local in sorted(self.unserved.items())
             ],
             pcap=self.pcap.status() if self.pcap is not None else None,

@@ -165,7 +165,6 @@ def transparent_udp(host: str, port: int, *, receive_destination: bool) -> socke
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_TRANSPARENT, 1)
             if receive_destination:

@@ -61,6 +61,10 @@ class Cgroup:
         return "/" + str(self.path.relative_to(self.root))
 
     def create(self) -> None:
+        """A fresh group: one a killed session left is removed first (with what it
+        held, the socket-marking program among it)."""
+        if self.path.exists():
+            self.remove()
         try:
             self.path.mkdir(exist_ok=True)
         except OSError as exc:

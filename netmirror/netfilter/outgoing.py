@@ -30,12 +30,16 @@ Everything is removed by :meth:`OutgoingFirewall.teardown`, and by a guard proce
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from netmirror.errors import FirewallError
 from netmirror.netfilter.iptables import Backend, IptablesNat, NatPlan, validate_session
+from netmirror.netfilter.routing import SessionRoutes
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "OUTGOING_PREFIX",
@@ -208,19 +212,19 @@ class OutgoingFirewall:
     """All of an exec session's rules and routes, applied together, torn down together."""
 
     def __init__(self, session: str, *, backend: Backend, cgroup: str = "", mark: int = 0) -> None:
-        from netmirror.netfilter.routing import SessionRoutes
-
         self.session = session
         self.nat = OutgoingNat(session, backend=backend, cgroup=cgroup)
         mark_match: tuple[str, ...] = (
             ("-i", "lo", "-m", "mark", "--mark", f"{mark:#x}") if mark else ()
         )
-        cgroup_match: tuple[str, ...] = ("-m", "cgroup", "--path", cgroup) if cgroup else ()
+        # On the mark, not the cgroup: a SYN-ACK belongs to no full socket, so the
+        # cgroup match misses it, and it is what must not be routed into lo.
+        reply_match: tuple[str, ...] = ("-m", "mark", "--mark", f"{mark:#x}") if mark else ()
         self.udp = _MangleChain(
             session, UDP_PREFIX, backend=backend, hook=("PREROUTING", mark_match)
         )
         self.replies = _MangleChain(
-            session, REPLY_PREFIX, backend=backend, hook=("OUTPUT", cgroup_match)
+            session, REPLY_PREFIX, backend=backend, hook=("OUTPUT", reply_match)
         )
         self.routes = SessionRoutes(session)
         #: Whether the command's UDP goes to the daemon's relay (after :meth:`apply`).
@@ -243,19 +247,30 @@ class OutgoingFirewall:
             f for f in self.nat.families if f == 4 or (rules.ipv6 and self.nat._family_usable(f))
         )
         udp = rules.udp_port is not None
+        no_routes = (
+            "the command reaches only addresses this machine has a route to, and its UDP "
+            "other than DNS stays here"
+        )
         try:
+            # Without it, answers to connections made to the command would be routed
+            # into lo: no routes then.
             self.replies.apply(
                 self.replies.plan_text({f: render_replies(self.session, f) for f in families})
             )
-            if udp:
+        except FirewallError as exc:
+            self._quietly(self.replies)
+            warnings.append(f"{exc}: {no_routes}")
+            self.udp_active = False
+            return warnings
+        if udp:
+            try:
                 self.udp.apply(
                     self.udp.plan_text({f: render_udp(self.session, rules, f) for f in families})
                 )
-        except FirewallError as exc:
-            warnings.append(f"{exc}: the command's UDP other than DNS stays on this machine")
-            udp = False
-            for chain in (self.udp, self.replies):
-                chain.teardown()
+            except FirewallError as exc:
+                warnings.append(f"{exc}: the command's UDP other than DNS stays on this machine")
+                udp = False
+                self._quietly(self.udp)
         try:
             self.routes.apply(
                 plan_routes(
@@ -268,15 +283,20 @@ class OutgoingFirewall:
                 )
             )
         except FirewallError as exc:
-            self.routes.teardown()
-            self.udp.teardown()
+            for part in (self.routes, self.udp, self.replies):
+                self._quietly(part)
             udp = False
-            warnings.append(
-                f"{exc}: the command reaches only addresses this machine has a route to, "
-                "and its UDP other than DNS stays here"
-            )
+            warnings.append(f"{exc}: {no_routes}")
         self.udp_active = udp
         return warnings
+
+    @staticmethod
+    def _quietly(part: IptablesNat | SessionRoutes) -> None:
+        """Take back a part that could not be applied; the guard retries what stays."""
+        try:
+            part.teardown()
+        except FirewallError as exc:
+            log.warning("%s", exc)
 
     def teardown(self) -> None:
         """Routes first (nothing is led into the chains any more), then every chain."""

@@ -107,6 +107,10 @@ def plan_routes(
     for ex in excluded:
         if ex.version in families:
             routes.append(Route(ex.version, "throw", str(ex)))
+    # Multicast and broadcast (mDNS, SSDP) are this machine's network's, never the target's.
+    for family, special in ((4, "224.0.0.0/4"), (4, "255.255.255.255/32"), (6, "ff00::/8")):
+        if family in families and Route(family, "throw", special) not in routes:
+            routes.append(Route(family, "throw", special))
     rules: list[Rule] = []
     for family in families:
         rules.append(Rule(family, socket.IPPROTO_TCP))

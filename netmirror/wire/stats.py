@@ -236,10 +236,12 @@ class ForwardStatus(PortStats):
 
 @dataclass
 class UnservedPort:
-    """A port the exec command listens on that the target does not serve: left alone."""
+    """A port the exec command listens on that the target does not serve."""
 
     remote: int = 0
     local: int = 0
+    taken: bool = False
+    """Stolen anyway (connections made to the target's address reach the command)."""
 
 
 @dataclass

@@ -449,11 +449,14 @@ def test_the_ports_the_command_listens_on_are_taken_and_given_back(
 
         eventually(lambda: unserved() != [], 5, "the unserved port was not reported")
         time.sleep(1.2)  # two more looks at the command's ports: still once, still alone
-        assert unserved() == [{"remote": extra, "local": extra}]
+        steal = mode == "steal"
+        assert unserved() == [{"remote": extra, "local": extra, "taken": steal}]
         text = env.netmirror("status", "--session", name).stdout
-        assert text.count("the target does not serve it (left alone)") == 1, text
+        what = "stolen anyway" if steal else "left alone"
+        assert text.count(f"the target does not serve it ({what})") == 1, text
         st = json.loads(env.netmirror("status", "--json", "--session", name).stdout)
-        assert extra not in [p["remote"] for p in st["sessions"][0]["ports"]]
+        # A copy of nothing is pointless; a steal still gets connections to the pod.
+        assert (extra in [p["remote"] for p in st["sessions"][0]["ports"]]) == steal
         if mode == "steal":
             assert _get(url) == "local"
         else:
@@ -609,4 +612,20 @@ def test_large_dns_answers_over_tcp_and_after_truncation(env: Env, private: Priv
     assert sorted(tcp.split()) == expected
     assert "Truncated, retrying in TCP mode" in plain, plain
     assert plain.count("\tIN\tA\t10.77.") == 120, plain
+    _assert_clean(env, session_name(env, 1))
+
+
+def test_machines_around_still_reach_the_commands_own_servers(env: Env, private: Private) -> None:
+    # The command's sockets carry the session's mark; the answers of a server it
+    # runs (its SYN-ACK first) must still go out on the real link, not into lo.
+    box = env.sandbox
+    port = free_port()
+    script = (
+        f"{sys.executable} {SERVERS} echo --port {port} --host 0.0.0.0 & server=$!; sleep 1; "
+        f"echo from-the-pod | ip netns exec {box.netns} "
+        f"socat -t 3 - TCP:{box.host_ip}:{port},connect-timeout=5; kill $server"
+    )
+    res = _exec(env, "--incoming", "off", "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1:] == ["from-the-pod"], res.stderr
     _assert_clean(env, session_name(env, 1))

@@ -637,10 +637,16 @@ def test_over_tcp_nothing_is_truncated() -> None:
     assert len(response.answer[0]) == 120
 
 
-async def test_dns_over_tcp_answers_each_framed_query_in_turn() -> None:
+async def test_dns_over_tcp_answers_each_framed_query_in_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import asyncio
 
+    from netmirror.daemon.exec import outgoing
     from netmirror.daemon.exec.outgoing import DnsServer, DnsTcpServer
+
+    # As if the command's connection had been redirected here.
+    monkeypatch.setattr(outgoing, "original_destination", lambda sock: ("10.0.0.10", 53))
 
     asked: list[str] = []
 
@@ -667,6 +673,9 @@ async def test_dns_over_tcp_answers_each_framed_query_in_turn() -> None:
 
         def close(self) -> None:
             self.closed = True
+
+        def get_extra_info(self, name: str) -> None:
+            return None
 
     sink = Sink()
     server.connection_made(sink)  # type: ignore[arg-type]

@@ -196,9 +196,17 @@ class DnsTcpServer(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if original_destination(self.transport.get_extra_info("socket")) is None:
+            self.transport.close()  # not redirected: someone connected to us directly
+            self.transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
         self._buf += data
+        if len(self._buf) > 2 + _TCP_MESSAGE:
+            self.transport.close()
+            return
         while len(self._buf) >= 2:
             size = int.from_bytes(self._buf[:2], "big")
             if len(self._buf) < 2 + size:

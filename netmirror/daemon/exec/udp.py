@@ -15,6 +15,7 @@ An association idle for :data:`UDP_IDLE` seconds is closed, on both ends.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import time
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 UDP_IDLE = 60.0
 #: How often idle associations and answer sockets are looked for.
 SWEEP_INTERVAL = 5.0
+#: Destinations one association may send to (and so take answers from) at a time.
+MAX_PEERS = 256
+#: Answer sockets the relay holds at once (each bound to one far end's address).
+MAX_ANSWERERS = 1024
 
 Client = tuple[str, int]
 
@@ -43,6 +48,9 @@ class _Association:
     stream: DatagramStream
     family: int
     last: float = field(default_factory=time.monotonic)
+    #: Where the command's socket sent: only these may answer it (as a NAT lets
+    #: answers in only from where a datagram went).
+    peers: set[Client] = field(default_factory=set)
 
 
 class UdpRelay:
@@ -87,8 +95,8 @@ class UdpRelay:
                 log.debug("UDP relay: %s", exc)
                 return
             dst = original_destination_of(ancdata)
-            if dst is None:
-                continue  # sent to the relay itself, not by TPROXY
+            if dst is None or _is_local(dst, sock.getsockname()):
+                continue  # sent to the relay itself (not by TPROXY): nobody's to carry
             self._from_command((str(client[0]), int(client[1])), sock.family, dst, payload)
 
     def _from_command(self, client: Client, family: int, dst: Client, payload: bytes) -> None:
@@ -98,6 +106,11 @@ class UdpRelay:
             if association is None:
                 return
         association.last = time.monotonic()
+        if dst not in association.peers:
+            if len(association.peers) >= MAX_PEERS:
+                self.stats.error(f"a socket of the command sends to over {MAX_PEERS} peers")
+                return
+            association.peers.add(dst)
         if association.stream.send(dst[0], dst[1], payload):
             self.datagrams_out += 1
 
@@ -135,12 +148,16 @@ class UdpRelay:
     def _answer(self, client: Client, host: str, port: int, payload: bytes) -> None:
         """An answer from ``host:port`` in the target, for the command's socket ``client``."""
         association = self._associations.get(client)
-        if association is not None:
-            association.last = time.monotonic()
+        key = (host, port)
+        if association is None or key not in association.peers:
+            return  # from nowhere the command sent to: dropped, as a NAT would
+        association.last = time.monotonic()
         if (":" in host) != (":" in client[0]):
             return  # an answer of the other family cannot reach that socket
-        key = (host, port)
         entry = self._answerers.get(key)
+        if entry is None and len(self._answerers) >= MAX_ANSWERERS:
+            self.stats.error("too many peers answer at once: answer dropped")
+            return
         try:
             sock = (
                 entry[0]
@@ -188,3 +205,14 @@ class UdpRelay:
         for sock, _ in self._answerers.values():
             sock.close()
         self._answerers.clear()
+
+
+def _is_local(dst: Client, own: Client) -> bool:
+    """A destination that is the relay itself or loopback: never sent to the target."""
+    if dst[1] == own[1] and dst[0] == own[0]:
+        return True
+    try:
+        address = ipaddress.ip_address(dst[0])
+    except ValueError:
+        return True
+    return address.is_loopback or address.is_unspecified or dst[1] == 0

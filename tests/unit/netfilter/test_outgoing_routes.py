@@ -35,6 +35,10 @@ def test_included_networks_get_local_routes_excluded_ones_throw() -> None:
         # 10.1.0.0/16 is inside an excluded network: the exclusion wins, no route.
         Route(4, "throw", "10.0.0.0/8"),
         Route(6, "throw", "fd00::/64"),
+        # Multicast and broadcast stay this machine's.
+        Route(4, "throw", "224.0.0.0/4"),
+        Route(4, "throw", "255.255.255.255/32"),
+        Route(6, "throw", "ff00::/8"),
     )
     assert set(plan.rules) == {
         Rule(4, socket.IPPROTO_TCP),
@@ -50,7 +54,8 @@ def test_without_udp_only_dns_datagrams_are_routed() -> None:
     assert Rule(4, socket.IPPROTO_UDP) not in plan.rules
     plan = plan_routes("web", include=["10.0.0.0/8"], exclude=[], udp=False, dns=False)
     assert {r.ip_proto for r in plan.rules} == {socket.IPPROTO_TCP}
-    assert plan.routes == (Route(4, "local", "10.0.0.0/8"),)
+    assert plan.routes[0] == Route(4, "local", "10.0.0.0/8")
+    assert {r.kind for r in plan.routes[1:]} == {"throw"}
 
 
 def test_the_bpf_program_sets_the_mark_and_allows() -> None:
