@@ -49,8 +49,8 @@ lint: deps
 # Then the mirror-by-capture rate sweep (benchmarks/mirror.py) and the HTTP filter's
 # cost for requests it does not steal (benchmarks/http_filter.py); benchmarks.throughput
 # still runs on its own.
-BENCH_PACKAGES := wrk iperf3 redis-server redis-tools socat nginx-light nghttp2-client
-BENCH_COMMANDS := wrk iperf3 redis-server redis-benchmark socat nginx h2load
+BENCH_PACKAGES := wrk iperf3 redis-server redis-tools socat nginx-light nghttp2-client postgresql
+BENCH_COMMANDS := wrk iperf3 redis-server redis-benchmark socat nginx h2load pgbench
 
 bench: deps
 	@missing=""; for c in $(BENCH_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \

@@ -173,6 +173,7 @@ class Suite:
         self.session_up = False
         self._pids: dict[str, int] = {}
         self.unavailable: dict[str, str] = {}
+        self.pg_dir: Path | None = None
         """Parts of the setup that failed (a service name, "relay", "netmirror"), and why."""
         self.results: dict[str, Any] = {
             "machine": machine(),
@@ -295,8 +296,15 @@ class Suite:
             self.box.destroy()
         self.box.create()
         self.log(f"sandbox pod {self.box.target}: {self.box.pod_ip}")
-        steal = {"iperf": 5201, "http": 8080, "redis": 6379, "reply": 7000, "hold": 7001}
-        relayed = {"iperf": 15201, "http": 18080, "redis": 16379, "reply": 17000}
+        steal = {
+            "iperf": 5201,
+            "http": 8080,
+            "redis": 6379,
+            "pg": 5432,
+            "reply": 7000,
+            "hold": 7001,
+        }
+        relayed = {"iperf": 15201, "http": 18080, "redis": 16379, "pg": 15432, "reply": 17000}
         for name, pod_port in steal.items():
             svc = Service(name, local=free_port(), steal=pod_port)
             if name in relayed:
@@ -348,6 +356,11 @@ class Suite:
         )
         self.procs.start(["redis-server", str(redis_conf)])
         self.wait_listening(svc["redis"].local)
+        try:
+            self.start_postgres(svc["pg"].local)
+        except Exception as exc:
+            self.unavailable["pg"] = f"PostgreSQL: {exc}"
+            self.log(f"PostgreSQL FAILED: {exc}")
         if shutil.which("nginx") is None:
             self.unavailable["http"] = "nginx is not installed (make bench installs nginx-light)"
         else:
@@ -357,6 +370,83 @@ class Suite:
                 self.unavailable["http"] = f"nginx: {exc}"
                 self.log(f"nginx FAILED: {exc}")
         self.log("local apps: " + ", ".join(f"{s.name} 127.0.0.1:{s.local}" for s in svc.values()))
+
+    def start_postgres(self, port: int) -> None:
+        """A scratch PostgreSQL cluster on 127.0.0.1 (Debian's server, run as postgres),
+        with pgbench's tables at scale 1."""
+        bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+        if bindir is None or shutil.which("pgbench") is None:
+            raise RuntimeError("not installed (make bench installs postgresql)")
+        data = Path(tempfile.mkdtemp(prefix="nm-bench-pg-"))
+        self.pg_dir = data
+        shutil.chown(data, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            [*as_pg, str(bindir / "initdb"), "-D", str(data / "db"), "--auth=trust", "-U", "bench"],
+            check=True,
+            capture_output=True,
+        )
+        self.procs.start(
+            [
+                *as_pg,
+                str(bindir / "postgres"),
+                "-D",
+                str(data / "db"),
+                "-p",
+                str(port),
+                "-k",
+                str(data),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ]
+        )
+        self.wait_listening(port)
+        subprocess.run(
+            [
+                "pgbench",
+                "-i",
+                "-q",
+                "-s",
+                "1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-U",
+                "bench",
+                "postgres",
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    def pgbench(self) -> dict[str, Any]:
+        samples: dict[str, list[dict[str, Any]]] = {p: [] for p in PATHS}
+        errors: list[str] = []
+        if "pg" in self.unavailable:
+            return {"error": self.unavailable["pg"]}
+        for rnd in range(self.args.rounds):
+            for path in rotated(PATHS, rnd):
+                host, port = self.addr(path, "pg")
+                sample = self.measured(
+                    path,
+                    functools.partial(run_pgbench, host, port, seconds=self.args.seconds),
+                    errors,
+                    "pgbench",
+                )
+                if sample is None:
+                    continue
+                samples[path].append(sample)
+                self.log(f"   round {rnd + 1} {path:9} {sample['tps']:9,.0f} tps")
+        return {
+            "samples": samples,
+            "median_tps": {p: median([s["tps"] for s in samples[p]]) for p in PATHS},
+            "errors": errors,
+        }
 
     def start_nginx(self, port: int) -> None:
         root = self.workdir / "nginx"
@@ -416,6 +506,10 @@ class Suite:
             ("processes", self.procs.stop_all),
             ("sandbox", self.box.destroy),
             ("temp dir", lambda: shutil.rmtree(self.workdir, ignore_errors=True)),
+            (
+                "PostgreSQL's dir",
+                lambda: shutil.rmtree(self.pg_dir, ignore_errors=True) if self.pg_dir else None,
+            ),
         ):
             try:
                 step()
@@ -858,7 +952,8 @@ class Suite:
         self.save()
         self.scenario("bulk", "1. iperf3 bulk upload, 1 and 8 streams", self.bulk)
         self.scenario("http", "2. wrk HTTP keep-alive against nginx, 50 connections", self.http)
-        self.scenario("redis", "3. redis-benchmark GET/SET, 1 and 50 clients", self.redis)
+        self.scenario("redis", "3. redis-benchmark GET/SET, 1, 8 and 50 clients", self.redis)
+        self.scenario("pgbench", "3b. pgbench -S (select only), 8 clients", self.pgbench)
         self.scenario("connrate", "4. a new connection per request", self.connrate)
         self.scenario(
             "hold", f"5. {self.args.hold:,} concurrent stolen connections held open", self.hold
@@ -867,6 +962,38 @@ class Suite:
 
 
 # --- clients -------------------------------------------------------------------------------
+
+
+def run_pgbench(host: str, port: int, *, seconds: int, clients: int = 8) -> dict[str, Any]:
+    """``pgbench -S`` (read-only, one SELECT per transaction); its tps."""
+    out = subprocess.run(
+        [
+            "pgbench",
+            "-S",
+            "-n",
+            "-c",
+            str(clients),
+            "-j",
+            "2",
+            "-T",
+            str(seconds),
+            "-h",
+            host,
+            "-p",
+            str(port),
+            "-U",
+            "bench",
+            "postgres",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("tps = "):
+            return {"tps": float(line.split()[2])}
+    raise RuntimeError(f"pgbench failed: {(out.stderr or out.stdout).strip()[-300:]}")
 
 
 def redis_benchmark(host: str, port: int, *, clients: int, requests: int) -> dict[str, Any]:
@@ -1121,6 +1248,11 @@ def build_rows(results: dict[str, Any]) -> list[Row]:
                 scale=1e3,
             )
         )
+    tps = get("pgbench", "median_tps") or {}
+    row = Row("pgbench -S, 8 clients", tps, "tps", target=">= 1.0x relay")
+    if tps.get("netmirror") is not None and tps.get("relay"):
+        row.met = tps["netmirror"] >= tps["relay"]
+    rows.append(row)
     conn = get("connrate", "median_connections_per_s") or {}
     row = Row("new connection per request (50 in flight)", conn, "conn/s", target=">= 3,000/s")
     if conn.get("netmirror") is not None:
@@ -1394,7 +1526,9 @@ def plots(results: dict[str, Any]) -> list[Path]:
         save(fig, "http.png")
     redis = (sc.get("redis") or {}).get("median")
     if redis:
-        keys = [k for k in ("GET/c1", "SET/c1", "GET/c8", "SET/c8", "GET/c50", "SET/c50") if k in redis]
+        keys = [
+            k for k in ("GET/c1", "SET/c1", "GET/c8", "SET/c8", "GET/c50", "SET/c50") if k in redis
+        ]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         grouped(
             a1,
@@ -1500,7 +1634,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["bulk", "http", "redis", "connrate", "hold", "up"],
+        choices=["bulk", "http", "redis", "pgbench", "connrate", "hold", "up"],
         help="run only these scenarios (repeatable)",
     )
     args = parser.parse_args()
