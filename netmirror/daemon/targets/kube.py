@@ -96,45 +96,34 @@ def agent_job(
     container_id: str,
 ) -> dict[str, Any]:
     """A job pod on the target's node that enters the target container's namespace."""
-    labels = {**LABELS, SESSION_LABEL: settings.session}
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {
-            "backoffLimit": 0,
-            "activeDeadlineSeconds": JOB_DEADLINE,
-            "ttlSecondsAfterFinished": JOB_TTL_AFTER_FINISHED,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "nodeName": node,
-                    "hostPID": True,  # to find the target container's process
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "tolerations": [{"operator": "Exists"}],
-                    "containers": [
-                        {
-                            "name": "agent",
-                            "image": image,
-                            "imagePullPolicy": "IfNotPresent",
-                            "args": [*agent_args(settings, port), "--container-id", container_id],
-                            "securityContext": {
-                                "runAsUser": 0,
-                                "capabilities": {
-                                    # setns into another namespace needs SYS_ADMIN, and
-                                    # opening /proc/PID/ns/net of another process
-                                    # SYS_PTRACE; then NET_ADMIN and NET_RAW as above.
-                                    "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"],
-                                    "drop": ["ALL"],
-                                },
-                            },
-                        }
-                    ],
-                },
-            },
+    return _job(
+        name=name,
+        namespace=namespace,
+        labels={**LABELS, SESSION_LABEL: settings.session},
+        pod={
+            "nodeName": node,
+            "hostPID": True,  # to find the target container's process
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [
+                {
+                    "name": "agent",
+                    "image": image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "args": [*agent_args(settings, port), "--container-id", container_id],
+                    "securityContext": {
+                        "runAsUser": 0,
+                        "capabilities": {
+                            # setns into another namespace needs SYS_ADMIN, and
+                            # opening /proc/PID/ns/net of another process
+                            # SYS_PTRACE; then NET_ADMIN and NET_RAW as above.
+                            "add": ["NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE"],
+                            "drop": ["ALL"],
+                        },
+                    },
+                }
+            ],
         },
-    }
+    )
 
 
 #: The user a targetless agent runs as: it needs no privilege at all.
@@ -149,7 +138,37 @@ def targetless_job(
     It passes the ``restricted`` Pod Security Standard: non-root, no privilege
     escalation, every capability dropped, the runtime's default seccomp profile.
     """
-    labels = {**LABELS, SESSION_LABEL: settings.session, "netmirror.dev/targetless": "true"}
+    return _job(
+        name=name,
+        namespace=namespace,
+        labels={**LABELS, SESSION_LABEL: settings.session, "netmirror.dev/targetless": "true"},
+        pod={
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": TARGETLESS_USER,
+                "runAsGroup": TARGETLESS_USER,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "containers": [
+                {
+                    "name": "agent",
+                    "image": image,
+                    "imagePullPolicy": "IfNotPresent",
+                    "args": [*agent_args(settings, port), "--targetless"],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ],
+        },
+    )
+
+
+def _job(
+    *, name: str, namespace: str, labels: dict[str, str], pod: dict[str, Any]
+) -> dict[str, Any]:
+    """A Job of one agent pod that runs once, is bounded in time and collected after."""
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -160,28 +179,7 @@ def targetless_job(
             "ttlSecondsAfterFinished": JOB_TTL_AFTER_FINISHED,
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": TARGETLESS_USER,
-                        "runAsGroup": TARGETLESS_USER,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [
-                        {
-                            "name": "agent",
-                            "image": image,
-                            "imagePullPolicy": "IfNotPresent",
-                            "args": [*agent_args(settings, port), "--targetless"],
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                        }
-                    ],
-                },
+                "spec": {"restartPolicy": "Never", "automountServiceAccountToken": False, **pod},
             },
         },
     }
