@@ -46,11 +46,12 @@ lint: deps
 
 # make bench: the benchmark suite (benchmarks/suite.py): every scenario, side by side
 # over direct, socat relay and netmirror paths; results in benchmarks/results/.
-# Then the mirror-by-capture rate sweep (benchmarks/mirror.py) and the HTTP filter's
+# Then the mirror-by-capture rate sweep (benchmarks/mirror.py), what each mirror method
+# costs the pod's new connections (benchmarks/mirror_rate.py), the HTTP filter's
 # cost for requests it does not steal (benchmarks/http_filter.py); benchmarks.throughput
 # still runs on its own.
-BENCH_PACKAGES := wrk iperf3 redis-server redis-tools socat nginx-light nghttp2-client postgresql
-BENCH_COMMANDS := wrk iperf3 redis-server redis-benchmark socat nginx h2load pgbench
+BENCH_PACKAGES := wrk iperf3 redis-server redis-tools socat nginx-light nghttp2-client postgresql apache2-utils
+BENCH_COMMANDS := wrk iperf3 redis-server redis-benchmark socat nginx h2load pgbench ab
 
 bench: deps
 	@missing=""; for c in $(BENCH_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
@@ -63,6 +64,7 @@ bench: deps
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) -m benchmarks.suite $(BENCH_ARGS)
 	$(PY) -m benchmarks.mirror
+	$(PY) -m benchmarks.mirror_rate
 	$(PY) -m benchmarks.http_filter
 	$(PY) -m benchmarks.files
 

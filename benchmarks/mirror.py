@@ -43,11 +43,16 @@ def iperf(host: str, *, rate_mbytes: int, seconds: int) -> int:
     return int(data["end"]["sum_sent"]["bytes"])
 
 
-def copied(log: Path, timeout: float = 15) -> tuple[int, str]:
-    """Bytes and end of the largest connection the sink saw (the data stream)."""
+def sink_lines(log: Path) -> list[str]:
+    """The sink's log: one line per copy it finished (the sink keeps the file open)."""
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def copied(log: Path, before: int, timeout: float = 15) -> tuple[int, str]:
+    """Bytes and end of the largest connection the sink saw after line ``before``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lines = log.read_text().splitlines() if log.exists() else []
+        lines = sink_lines(log)[before:]
         if len(lines) >= 2:  # iperf3's control and data connections
             best = max((line.split() for line in lines), key=lambda f: int(f[0]))
             return int(best[0]), best[1]
@@ -95,7 +100,7 @@ def main() -> int:
         for rate in rates:
             plain = iperf(box.pod_ip, rate_mbytes=rate, seconds=args.seconds)
             log = workdir / "sink.log"
-            log.unlink(missing_ok=True)
+            before = len(sink_lines(log))
             netmirror(
                 "up",
                 "--target",
@@ -107,7 +112,7 @@ def main() -> int:
             )
             try:
                 sent = iperf(box.pod_ip, rate_mbytes=rate, seconds=args.seconds)
-                got, ended = copied(log)
+                got, ended = copied(log, before)
                 status = json.loads(netmirror("status", "--json", "--session", SESSION))
             finally:
                 netmirror("down", "--session", SESSION)
