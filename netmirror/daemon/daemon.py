@@ -30,7 +30,7 @@ from netmirror.daemon.listeners import descendants, listening_ports
 from netmirror.daemon.pcap import PcapSink, PcapWriter
 from netmirror.daemon.targets import AgentHandle, AgentSettings, resolve_target
 from netmirror.errors import AgentError, NetmirrorError, ProtocolError, TargetError
-from netmirror.net.sockets import tune_tunnel_socket
+from netmirror.net.sockets import open_local, tune_tunnel_socket
 from netmirror.netfilter.mesh import Mesh
 from netmirror.tasks import TaskSet, keep_heap_mapped, raise_fd_limit
 from netmirror.tunnel import WS_MAX_MESSAGE, StreamBridge, Tunnel
@@ -227,7 +227,7 @@ class Daemon:
     async def _connect_local(self, tunnel: Tunnel, bridge: StreamBridge, port: PortConfig) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_connection(lambda: bridge, port.local_host, port.local_port)
+            await open_local(loop, lambda: bridge, port.local_host, port.local_port)
         except OSError as exc:
             reason = (
                 f"local {port.local_host}:{port.local_port} refused the connection"

@@ -8,7 +8,10 @@ be written once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
+import ipaddress
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -138,11 +141,74 @@ async def connect_marked(address: tuple[str, int], *, mark: int) -> socket.socke
         if mark:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, address)
+        await connect_socket(sock, address)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+async def connect_socket(sock: socket.socket, address: tuple[str, int]) -> None:
+    """Connect the non-blocking ``sock`` to the numeric ``address``; raises OSError.
+
+    To an address of this host or namespace (the pod's server, the developer's
+    local process) the kernel completes the handshake inside ``connect()``, so
+    the socket is usually connected when it returns: then there is nothing to
+    wait for. Only a handshake still in flight waits for the loop (the future
+    and the writer registration cost as much as the rest of a short connection).
+    """
+    err = sock.connect_ex(address)
+    if err == 0:
+        return
+    if err != errno.EINPROGRESS:
+        raise OSError(err, os.strerror(err))
+    try:
+        sock.getpeername()  # ENOTCONN while the handshake is in flight or failed
+        return
+    except OSError:
+        pending = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if pending:
+            raise OSError(pending, os.strerror(pending)) from None
+    # The loop retries connect() (EALREADY), waits until writable, and raises the
+    # socket's error if the handshake failed.
+    await asyncio.get_running_loop().sock_connect(sock, address)
+
+
+@functools.lru_cache(maxsize=256)
+def numeric_family(host: str) -> socket.AddressFamily | None:
+    """AF_INET or AF_INET6 for a numeric address; None for a name or a scoped address."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return None if ip.scope_id else socket.AF_INET6
+    return socket.AF_INET
+
+
+async def open_local(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], asyncio.Protocol],
+    host: str,
+    port: int,
+) -> None:
+    """``loop.create_connection(factory, host, port)``, quicker for a numeric host.
+
+    Raises OSError like ``create_connection``. A host name still goes through the
+    loop's resolver.
+    """
+    family = numeric_family(host)
+    if family is None:
+        await loop.create_connection(factory, host, port)
+        return
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await connect_socket(sock, (host, port))
+        await loop.create_connection(factory, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 # --- transparent UDP (TPROXY) ---------------------------------------------------------
