@@ -72,6 +72,7 @@ def _config(args: argparse.Namespace, **more: Any) -> Config:
             namespace=args.namespace,
             context=args.context,
             agent_mode=args.agent_mode,
+            agent_namespace=args.agent_namespace,
             http_filter=_http_filter(args),
             files=None if args.files is None else args.files == "on",
             files_ro=tuple(args.files_ro or ()),

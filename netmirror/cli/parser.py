@@ -68,6 +68,13 @@ def _session_args(parser: argparse.ArgumentParser) -> None:
         choices=["ephemeral", "job"],
         help="Kubernetes: ephemeral container in the pod (default) or a job pod on its node",
     )
+    parser.add_argument(
+        "--agent-namespace",
+        metavar="NS",
+        help="Kubernetes: run job-mode agents in namespace NS (one labelled privileged for "
+        "netmirror: manifests/agent-namespace.yaml), for targets whose namespace enforces "
+        "Pod Security baseline or restricted",
+    )
     parser.add_argument("-n", "--namespace", help="Kubernetes namespace of the target")
     parser.add_argument("--context", help="kubeconfig context")
     parser.add_argument("--timeout", type=float, help="seconds to wait until ready")

@@ -41,6 +41,8 @@ def status_lines(st: SessionStatus) -> list[str]:
         extra = f", {agent.backend} rules" if agent.backend else ""
         pid = agent.pid if agent.pid is not None else "?"
         lines.append(f"  agent: {agent.state} (pid {pid}{extra})")
+        if agent.where:
+            lines.append(f"  agent runs as: {agent.where}")
         if agent.mesh:
             lines.append(f"  mesh: {agent.mesh}")
     if st.ports:

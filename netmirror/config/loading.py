@@ -205,6 +205,7 @@ class Overrides:
     namespace: str | None = None
     context: str | None = None
     agent_mode: str | None = None
+    agent_namespace: str | None = None
     # The settings of `netmirror exec`. Errors in their values name the key they set
     # (``env.exclude: '' must not be empty``), not a flag.
     env_include: Sequence[str] | None = None
@@ -304,6 +305,7 @@ def build_config(
         ("--namespace", flags.namespace, ("kubernetes", "namespace")),
         ("--context", flags.context, ("kubernetes", "context")),
         ("--agent-mode", flags.agent_mode, ("agent", "mode")),
+        ("--agent-namespace", flags.agent_namespace, ("agent", "namespace")),
     ):
         if value is not None:
             put(path, value, flag)

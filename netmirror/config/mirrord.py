@@ -175,7 +175,9 @@ class _Converter:
                 self.section("agent")["mode"] = "ephemeral" if item else "job"
                 self.mapped("agent.ephemeral", "agent.mode")
             elif key == "namespace":
-                self.ignored("agent.namespace", "the agent runs in the target's namespace")
+                if (namespace := self.text("agent.namespace", item)) is not None:
+                    self.section("agent")["namespace"] = namespace
+                    self.mapped("agent.namespace", "agent.namespace")
             else:
                 self.ignored(f"agent.{key}")
 

@@ -146,6 +146,10 @@ Seconds = Annotated[float, _reject_bool("is not a number")]
 MirrorMethod = Literal["capture", "passthrough"]
 
 
+#: A Kubernetes namespace name (an RFC 1123 label).
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
 class MirrorConfig(BaseModel):
     """How a mirrored port is copied."""
 
@@ -284,6 +288,16 @@ class AgentConfig(BaseModel):
         "target pod (capabilities NET_ADMIN and NET_RAW); 'job' runs a privileged pod on "
         "the target's node that enters the target container's network namespace.",
     )
+    namespace: str | None = Field(
+        default=None,
+        description="Kubernetes targets: the namespace job-mode agents run in, if not the "
+        "target's. For clusters whose application namespaces enforce Pod Security "
+        "'baseline' or 'restricted': a namespace the cluster admin labelled "
+        "pod-security.kubernetes.io/enforce=privileged for netmirror "
+        "(manifests/agent-namespace.yaml). The agent job runs on the target pod's node and "
+        "enters the target container from there. When the target's namespace would reject "
+        "the ephemeral agent, netmirror switches to job mode in this namespace and says so.",
+    )
     port: Port | None = Field(
         default=None,
         description="Kubernetes targets: loopback port of the agent's websocket inside the "
@@ -291,6 +305,15 @@ class AgentConfig(BaseModel):
         "the session name (47070-48069), so the agents of several sessions in one pod "
         "do not take each other's port.",
     )
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str | None) -> str | None:
+        if value is not None and not _DNS_LABEL.fullmatch(value):
+            raise ValueError(
+                "is not a namespace name (lower case letters, digits and '-', at most 63)"
+            )
+        return value
 
     @field_validator("image")
     @classmethod

@@ -582,6 +582,7 @@ class Daemon:
                 backend=self.agent.info.get("backend"),
                 addresses=list(self.agent.info.get("addresses", [])),
                 mesh=_mesh_line(self.agent.info.get("mesh")),
+                where=_agent_where(self.agent.info),
             )
         ports = []
         configured = {p.remote for p in self.config.ports}
@@ -763,7 +764,7 @@ class Daemon:
             and not target.targetless,
         )
         self.agent = await target.start_agent(
-            settings, log_file=self.log_file, progress=self.progress.step
+            settings, log_file=self.log_file, progress=self.progress.step, warn=self.progress.warn
         )
         self.record.agent_pid = self.agent.pid
         self.record.agent_start = pid_start(self.agent.pid) or 0 if self.agent.pid else 0
@@ -1019,6 +1020,18 @@ def run(session: str, *, ready_fd: int | None, debug: bool = False) -> int:
     finally:
         log.info("session ended")
         sdir.remove()
+
+
+def _agent_where(info: dict[str, Any]) -> str | None:
+    """How and where a Kubernetes agent runs, for ``status``; None for a local one."""
+    mode, name = info.get("mode"), info.get("agent")
+    if not mode or not name:
+        return None
+    if mode == "ephemeral":
+        return f"ephemeral container {name} in pod {info.get('namespace')}/{info.get('pod')}"
+    namespace = info.get("agent_namespace") or info.get("namespace")
+    node = f", on node {info['node']}" if info.get("node") else ""
+    return f"{mode} {name} in namespace {namespace}{node}"
 
 
 def _mesh_line(data: object) -> str | None:

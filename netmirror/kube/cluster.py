@@ -12,7 +12,9 @@ import contextlib
 import datetime
 import difflib
 import functools
+import json
 import os
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from netmirror.errors import TargetError
+from netmirror.kube.podsecurity import Policy, policy_from_labels
 from netmirror.kube.portforward import ApiEndpoint
 
 KINDS = ("pod", "deployment", "statefulset")
@@ -53,16 +56,57 @@ def parse_spec(spec: str) -> KubeSpec:
     )
 
 
-def api_error(exc: Exception, *, verb: str, resource: str, namespace: str) -> Exception:
-    """Turn an API exception into a one-line netmirror error."""
+#: How the API server words a refusal by RBAC (as opposed to one by admission):
+#: ``User "alice" cannot patch resource "pods/ephemeralcontainers" in API group ""``.
+RBAC_DENIAL = re.compile(r"\bcannot [a-z]+ resource\b")
+
+
+def status_message(exc: Exception) -> str | None:
+    """The ``message`` of the Status the API server answered with, on one line."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    if not isinstance(body, str) or not body.strip():
+        return None
+    try:
+        status = json.loads(body)
+    except ValueError:
+        return _one_line(body)[:500]
+    message = status.get("message") if isinstance(status, dict) else None
+    return _one_line(message) if message else None
+
+
+def api_error(
+    exc: Exception,
+    *,
+    verb: str,
+    resource: str,
+    namespace: str,
+    role: str = "the Role in manifests/rbac.yaml",
+) -> Exception:
+    """Turn an API exception into a one-line netmirror error.
+
+    A refusal by RBAC says which role is missing (``role``). A refusal by an
+    admission controller (Pod Security, a Kyverno or Gatekeeper webhook) is shown
+    in the server's own words.
+    """
     status = getattr(exc, "status", None)
-    if status == 403:
-        return TargetError(
-            f"forbidden: you cannot {verb} {resource} in namespace {namespace!r} "
-            "(netmirror needs the Role in manifests/rbac.yaml)"
-        )
+    message = status_message(exc)
     if status == 401:
         return TargetError("the API server rejected your credentials (401): check your kubeconfig")
+    if status == 403 and (message is None or RBAC_DENIAL.search(message)):
+        return TargetError(
+            f"forbidden: you cannot {verb} {resource} in namespace {namespace!r} "
+            f"(netmirror needs {role})"
+        )
+    if message and status is not None and status >= 400:
+        hint = ""
+        if "violates PodSecurity" in message:
+            hint = " (see docs/kubernetes.md, Locked-down clusters)"
+        return TargetError(
+            f"the API server refused to {verb} {resource} in namespace {namespace!r}: "
+            f"{message}{hint}"
+        )
     reason = getattr(exc, "reason", None) or exc
     return TargetError(f"cannot {verb} {resource} in namespace {namespace!r}: {reason}")
 
@@ -352,6 +396,22 @@ class KubeCluster:
         from kubernetes_asyncio import client
 
         return client.BatchV1Api(self.api)
+
+    async def pod_security(self, namespace: str, *, missing: str | None = None) -> Policy | None:
+        """The Pod Security labels of ``namespace``; None when they cannot be read.
+
+        Reading a namespace is a cluster-scoped permission many users lack: then
+        the API server alone decides. With ``missing``, a namespace that does not
+        exist is an error saying that.
+        """
+        try:
+            found = await self.core.read_namespace(namespace)
+        except Exception as exc:
+            if missing is not None and getattr(exc, "status", None) == 404:
+                raise TargetError(f"namespace {namespace!r} does not exist: {missing}") from None
+            return None
+        labels = found.metadata.labels if found.metadata is not None else None
+        return policy_from_labels(namespace, labels)
 
     async def _names(self, kind: str) -> list[str]:
         lister = {

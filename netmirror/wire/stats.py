@@ -162,6 +162,9 @@ class AgentStatus:
     addresses: list[str] = field(default_factory=list)
     mesh: str | None = None
     """The service mesh found in the target's namespace, and where netmirror hooked."""
+    where: str | None = None
+    """Kubernetes: how and where the agent runs ("job netmirror-web-1a2b3c in namespace
+    netmirror, on node node-1")."""
 
 
 @dataclass

@@ -41,7 +41,7 @@ from aiohttp import web
 from sandbox import Sandbox
 from sandbox.containers import Podman
 from tests.integration.conftest import REPO, Env, free_port
-from tests.support import token_plugin
+from tests.support import admission, token_plugin
 from tests.support.fake_portforward import FakePortForward
 from tests.support.kubeconfig import write_kubeconfig
 from tests.support.waiting import eventually_async
@@ -114,7 +114,22 @@ class FakeCluster:
         *,
         token_secret: bytes | None = None,
         probes: bool = False,
+        namespaces: dict[str, dict[str, str]] | None = None,
+        rbac: dict[str, list[tuple[str, list[dict[str, Any]]]]] | None = None,
+        webhook: Callable[[str, dict[str, Any]], str | None] | None = None,
+        hide_namespaces: bool = False,
     ) -> None:
+        self.namespaces = namespaces if namespaces is not None else {NS: {}}
+        """Namespaces and their labels (Pod Security admission reads them)."""
+        self.hide_namespaces = hide_namespaces
+        """Reading a namespace is forbidden to everyone (labels are then unknown)."""
+        self.rbac = rbac
+        """With grants, RBAC is enforced: bearer token -> [(namespace, the rules of a Role)]."""
+        self.webhook = webhook
+        """A validating admission webhook: (what, object) -> the reason it denies, or None."""
+        self.denied: list[str] = []
+        """The requests RBAC or admission refused, in words."""
+        self.events: list[dict[str, Any]] = []
         self.probes = probes
         """The pod's container has an httpGet readiness and a tcpSocket liveness probe on
         the stolen port, and its node's address is :attr:`node_ip`."""
@@ -131,10 +146,12 @@ class FakeCluster:
         self.target_id = ""
         self.containers: list[str] = []
         self.job_netns: list[str] = []
+        self._job_netns_names: dict[str, str] = {}
         self.agents: list[subprocess.Popen[bytes]] = []
         self.patches: list[dict[str, Any]] = []
         self.jobs: list[dict[str, Any]] = []
-        self.job_pods: set[str] = set()
+        self.job_pods: set[tuple[str, str]] = set()
+        """(namespace, name) of the job pods running."""
         self.spec_problems: list[str] = []
         self.portforward = FakePortForward(self._resolve, connect=self._connect)
         self.job_hosts: dict[str, str] = {}
@@ -145,7 +162,7 @@ class FakeCluster:
     def _resolve(self, ns: str, pod: str, port: int) -> tuple[str, int] | None:
         if (ns, pod) == (NS, POD):
             return ("127.0.0.1", port)  # the target pod's loopback
-        if ns == NS and pod in self.job_pods:
+        if (ns, pod) in self.job_pods:
             return (f"job:{pod}", port)  # a job pod: its own network namespace
         return None
 
@@ -160,14 +177,53 @@ class FakeCluster:
         return await asyncio.open_connection(sock=sock)
 
     async def _create_job(self, request: web.Request) -> web.StreamResponse:
-        """The job controller and kubelet: a pod on the host (hostPID) runs the agent."""
+        """The job controller and kubelet: a pod on the host (hostPID) runs the agent.
+
+        As in a cluster, admission judges the pod, not the Job: a pod the namespace's
+        Pod Security level rejects is never created, and the Job's events say why.
+        """
         body = await request.json()
+        ns = request.match_info["ns"]
+        if ns not in self.namespaces:
+            return _status_response(404, "NotFound", f'namespaces "{ns}" not found')
+        if self.webhook is not None and (reason := self.webhook("jobs", body)):
+            self.denied.append(f"webhook: {reason}")
+            return _status_response(
+                403,
+                "Forbidden",
+                f'admission webhook "validate.policy.example" denied the request: {reason}',
+            )
         self.jobs.append(body)
         self.spec_problems += field_problems(body, "V1Job", "job")
         name = body["metadata"]["name"]
         pod_name = f"{name}-abcde"
         spec = body["spec"]["template"]["spec"]
         container = spec["containers"][0]
+        labels = self.namespaces[ns]
+        headers = self._warnings(spec, labels)
+        level = admission.level_of(labels, "enforce")
+        failures = admission.check(spec, level)
+        if failures:
+            self.denied.append(f"pod security: {failures}")
+            refusal = admission.forbidden(pod_name, level, failures)["message"]
+            event = {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"name": f"{name}.{len(self.events)}", "namespace": ns},
+                "involvedObject": {"kind": "Job", "name": name, "namespace": ns},
+                "reason": "FailedCreate",
+                "message": f"Error creating: {refusal}",
+                "type": "Warning",
+            }
+            self.events.append(event)
+            async with self.http.post(
+                f"{self.kmock_url}/api/v1/namespaces/{ns}/events", json=event
+            ) as response:
+                assert response.status < 300, await response.text()
+            async with self.http.post(self.kmock_url + request.path_qs, json=body) as response:
+                return web.json_response(
+                    await response.json(), status=response.status, headers=headers
+                )
         # The job's pod: a network namespace of its own; the host's PID namespace if
         # the spec asks for it (it does: the agent looks for the target's process).
         netns = self.job_netns_of(pod_name)
@@ -189,11 +245,11 @@ class FakeCluster:
         if spec.get("hostPID"):
             options += ["--pid", "host"]
         self.agents.append(await self._run_container(f"nm-job-{name}"[:60], options, container))
-        self.job_pods.add(pod_name)
+        self.job_pods.add((ns, pod_name))
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": pod_name, "namespace": NS, "labels": {"job-name": name}},
+            "metadata": {"name": pod_name, "namespace": ns, "labels": {"job-name": name}},
             "spec": body["spec"]["template"]["spec"],
             "status": {
                 "phase": "Running",
@@ -210,11 +266,37 @@ class FakeCluster:
             },
         }
         async with self.http.post(
-            f"{self.kmock_url}/api/v1/namespaces/{NS}/pods", json=pod
+            f"{self.kmock_url}/api/v1/namespaces/{ns}/pods", json=pod
         ) as response:
             assert response.status < 300, await response.text()
         async with self.http.post(self.kmock_url + request.path_qs, json=body) as response:
-            return web.json_response(await response.json(), status=response.status)
+            return web.json_response(await response.json(), status=response.status, headers=headers)
+
+    def _warnings(self, spec: dict[str, Any], labels: dict[str, str]) -> dict[str, str]:
+        """The Warning header of a pod spec the namespace's warn level would reject."""
+        level = admission.level_of(labels, "warn")
+        failures = admission.check(spec, level)
+        return {"Warning": admission.warning(level, failures)} if failures else {}
+
+    async def _read_namespace(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        if self.hide_namespaces:
+            return _status_response(
+                403,
+                "Forbidden",
+                f'namespaces "{name}" is forbidden: User "dev" cannot get resource '
+                '"namespaces" in API group "" in the namespace "{name}"',
+            )
+        if name not in self.namespaces:
+            return _status_response(404, "NotFound", f'namespaces "{name}" not found')
+        return web.json_response(
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": name, "labels": self.namespaces[name]},
+                "status": {"phase": "Active"},
+            }
+        )
 
     async def _patch_ephemeral(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -222,16 +304,27 @@ class FakeCluster:
         self.spec_problems += field_problems(body, "V1Pod", "patch")
         (container,) = body["spec"]["ephemeralContainers"]
         if "--session" in container["args"] and "denied" in container["args"]:
-            return web.json_response(
-                {
-                    "kind": "Status",
-                    "status": "Failure",
-                    "reason": "Forbidden",
-                    "code": 403,
-                    "message": 'pods "x" is forbidden: cannot patch ephemeralcontainers',
-                },
-                status=403,
+            return _status_response(
+                403,
+                "Forbidden",
+                f'pods "{POD}" is forbidden: User "dev" cannot patch resource '
+                f'"pods/ephemeralcontainers" in API group "" in the namespace "{NS}"',
             )
+        if self.webhook is not None and (reason := self.webhook("ephemeralcontainers", body)):
+            self.denied.append(f"webhook: {reason}")
+            return _status_response(
+                403,
+                "Forbidden",
+                f'admission webhook "validate.policy.example" denied the request: {reason}',
+            )
+        # Pod Security admission judges the pod with its new ephemeral container.
+        labels = self.namespaces.get(NS, {})
+        level = admission.level_of(labels, "enforce")
+        failures = admission.check({"ephemeralContainers": [container]}, level)
+        if failures:
+            self.denied.append(f"pod security: {failures}")
+            return web.json_response(admission.forbidden(POD, level, failures), status=403)
+        headers = self._warnings({"ephemeralContainers": [container]}, labels)
         state: dict[str, Any] = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
         if container["image"].startswith("missing/"):
             state = {
@@ -276,7 +369,7 @@ class FakeCluster:
             json=status,
             headers={"Content-Type": "application/merge-patch+json"},
         ) as response:
-            return web.json_response(await response.json(), status=response.status)
+            return web.json_response(await response.json(), status=response.status, headers=headers)
 
     @web.middleware
     async def _authenticate(
@@ -300,8 +393,43 @@ class FakeCluster:
             )
         return await handler(request)
 
+    @web.middleware
+    async def _authorize(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """RBAC: a request is allowed when a Role granted to its token in its namespace
+        has a rule for its API group, resource and verb (discovery is open to all)."""
+        if self.rbac is None:
+            return await handler(request)
+        attrs = request_attributes(request)
+        if attrs is None:
+            return await handler(request)
+        verb, ns, group, resource = attrs
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        for grant_ns, rules in self.rbac.get(token, []):
+            if grant_ns == ns and any(
+                group in rule["apiGroups"]
+                and resource in rule["resources"]
+                and verb in rule["verbs"]
+                for rule in rules
+            ):
+                return await handler(request)
+        self.denied.append(f"rbac: {verb} {resource} in {ns}")
+        kind = resource.partition("/")[0]
+        return _status_response(
+            403,
+            "Forbidden",
+            f'{kind} is forbidden: User "{token}" cannot {verb} resource "{resource}" in API '
+            f'group "{group}" in the namespace "{ns}"',
+        )
+
     def job_netns_of(self, pod: str) -> str:
-        return f"nm-job-{self.sandbox.name}-{len(pod) % 100}"[:30]
+        """The network namespace of a job's pod: one of its own per pod."""
+        if pod not in self._job_netns_names:
+            self._job_netns_names[pod] = f"nm-job-{self.sandbox.name}"[:26] + (
+                f"-{len(self._job_netns_names)}"
+            )
+        return self._job_netns_names[pod]
 
     async def _run_container(
         self, name: str, options: list[str], container: dict[str, Any]
@@ -435,8 +563,9 @@ class FakeCluster:
         await self.kserver.__aenter__()
         self.kmock_url = str(self.kserver.url).rstrip("/")
         self.http = aiohttp.ClientSession()
-        app = web.Application(middlewares=[self._authenticate])
+        app = web.Application(middlewares=[self._authenticate, self._authorize])
         self.portforward.add_routes(app)
+        app.router.add_get("/api/v1/namespaces/{name}", self._read_namespace)
         app.router.add_patch(
             "/api/v1/namespaces/{ns}/pods/{pod}/ephemeralcontainers", self._patch_ephemeral
         )
@@ -482,6 +611,49 @@ def _make_netns(name: str) -> None:
 
 def _delete_netns(name: str) -> None:
     subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+def _status_response(code: int, reason: str, message: str) -> web.Response:
+    """A refusal as the API server sends it: a Status object."""
+    return web.json_response(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": reason,
+            "code": code,
+        },
+        status=code,
+    )
+
+
+#: HTTP method -> RBAC verb, for requests naming one object.
+VERBS = {"GET": "get", "POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+
+def request_attributes(request: web.Request) -> tuple[str, str, str, str] | None:
+    """(verb, namespace, API group, resource[/subresource]) of a namespaced API request;
+    None for discovery and other non-resource URLs."""
+    parts = request.path.strip("/").split("/")
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    if len(rest) < 2 or rest[0] != "namespaces":
+        return None
+    if len(rest) == 2:  # the namespace object itself: its own namespace
+        return VERBS.get(request.method, "get"), rest[1], group, "namespaces"
+    ns, resource, named = rest[1], rest[2], rest[3:]
+    if len(named) >= 2:
+        resource = f"{resource}/{named[1]}"
+    if request.method == "GET" and not named:
+        watching = request.query.get("watch") in ("true", "1")
+        return ("watch" if watching else "list"), ns, group, resource
+    return VERBS.get(request.method, "get"), ns, group, resource
 
 
 @pytest.fixture
@@ -1156,3 +1328,308 @@ async def test_targetless_refuses_incoming_traffic_before_starting_anything(
     assert "a targetless session takes no incoming traffic (ports 8080)" in err
     assert len(err.strip().splitlines()) <= 3, err
     assert fake.jobs == []
+
+
+# --- Locked-down clusters: Pod Security admission, an agent namespace, least RBAC ---------
+
+AGENT_NS = "netmirror"
+BASELINE = {"pod-security.kubernetes.io/enforce": "baseline"}
+PRIVILEGED = {"pod-security.kubernetes.io/enforce": "privileged"}
+#: The application namespace enforces baseline; the agent namespace of the manifests.
+LOCKED = {NS: BASELINE, AGENT_NS: PRIVILEGED}
+
+
+def role_rules(file: str, name: str) -> list[dict[str, Any]]:
+    """The rules of Role ``name`` in manifests/``file``: what the tests' RBAC grants."""
+    import yaml
+
+    with (REPO / "manifests" / file).open() as stream:
+        for doc in yaml.safe_load_all(stream):
+            if doc and doc.get("kind") == "Role" and doc["metadata"]["name"] == name:
+                rules: list[dict[str, Any]] = doc["rules"]
+                return rules
+    raise AssertionError(f"no Role {name} in manifests/{file}")
+
+
+@pytest.fixture
+async def make_cluster(
+    env: Env, tmp_path: Path, agent_podman: tuple[Podman, str]
+) -> AsyncIterator[Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]]:
+    """``await make_cluster(token=..., **FakeCluster options)``: one cluster per test."""
+    import contextlib
+
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def make(
+            token: str = "dev-token", **options: Any
+        ) -> tuple[FakeCluster, dict[str, str]]:
+            kenv = env.env | {"NETMIRROR_AGENT_IMAGE": IMAGE}
+            podman, image = agent_podman
+            fake = await stack.enter_async_context(
+                FakeCluster(env.sandbox, kenv, tmp_path / "kubelet.log", podman, image, **options)
+            )
+            kubeconfig = write_kubeconfig(
+                tmp_path / "kubeconfig", fake.url, {"token": token}, namespace=NS
+            )
+            return fake, kenv | {"KUBECONFIG": str(kubeconfig), "PYTHONPATH": str(REPO)}
+
+        yield make
+
+
+async def job_status(fake: FakeCluster, ns: str, name: str) -> int:
+    async with fake.http.get(
+        f"{fake.kmock_url}/apis/batch/v1/namespaces/{ns}/jobs/{name}"
+    ) as response:
+        return response.status
+
+
+def last_line(err: str) -> str:
+    return err.strip().splitlines()[-1]
+
+
+async def test_a_baseline_namespace_is_refused_before_anything_is_created(
+    env: Env, make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]
+) -> None:
+    fake, kenv = await make_cluster(namespaces={NS: BASELINE})
+    local = free_port()
+    code, _, err = await steal_web(kenv, local, "psa")
+    assert code == 1
+    assert last_line(err) == (
+        "netmirror: namespace 'shop' enforces Pod Security \"baseline\", which rejects the "
+        "agent's NET_ADMIN, NET_RAW, SYS_PTRACE; use --agent-mode job --agent-namespace netmirror "
+        "(see manifests/agent-namespace.yaml)"
+    )
+    # Job mode in the same namespace: its hostPID pod is refused too, said before creating.
+    code, _, err = await steal_web(kenv, local, "psa-job", "--agent-mode", "job")
+    assert code == 1
+    assert last_line(err) == (
+        "netmirror: namespace 'shop' enforces Pod Security \"baseline\", which rejects the "
+        "agent job's hostPID, NET_ADMIN, NET_RAW, SYS_ADMIN, SYS_PTRACE; use --agent-namespace "
+        "netmirror, a namespace labelled privileged (see manifests/agent-namespace.yaml)"
+    )
+    assert fake.patches == [] and fake.jobs == [] and fake.agents == []
+    assert fake.denied == []  # the server was not even asked
+    assert env.chains() == ""
+    assert not os.listdir(env.state_dir) if env.state_dir.exists() else True
+
+
+async def test_admission_refusals_arriving_anyway_are_one_line_in_the_servers_words(
+    env: Env, make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]
+) -> None:
+    """Namespace labels unreadable (no permission): the API server's refusal is the error,
+    for the ephemeral container (403) and for a job whose pod is never created (an event)."""
+    fake, kenv = await make_cluster(namespaces={NS: BASELINE}, hide_namespaces=True)
+    local = free_port()
+    code, _, err = await steal_web(kenv, local, "psa")
+    assert code == 1
+    line = last_line(err)
+    assert line.startswith(
+        "netmirror: the API server refused to patch pods/ephemeralcontainers in namespace "
+        f'\'shop\': pods "{POD}" is forbidden: violates PodSecurity "baseline:latest": '
+        'non-default capabilities (container "netmirror-psa-'
+    ), line
+    assert 'must not include "NET_ADMIN", "NET_RAW", "SYS_PTRACE" in securityContext' in line
+    assert "Traceback" not in err
+    code, _, err = await steal_web(kenv, local, "psa-job", "--agent-mode", "job", "--timeout", "20")
+    assert code == 1
+    line = last_line(err)
+    assert line.startswith("netmirror: the agent job netmirror-psa-job-") and (
+        "in namespace 'shop' cannot create its pod: Error creating: pods" in line
+    ), line
+    assert 'violates PodSecurity "baseline:latest": host namespaces (hostPID=true)' in line
+    (job,) = fake.jobs
+    # Nothing left behind: the job that could not make its pod is deleted.
+    assert await job_status(fake, NS, job["metadata"]["name"]) == 404
+    assert fake.agents == []
+
+
+async def test_a_webhooks_refusal_is_shown_verbatim(
+    env: Env, make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]
+) -> None:
+    reason = (
+        "[no-debug-containers] ephemeral containers are not allowed in namespace shop "
+        "(ask #platform)"
+    )
+
+    def gatekeeper(what: str, obj: dict[str, Any]) -> str | None:
+        return reason if what == "ephemeralcontainers" else None
+
+    _, kenv = await make_cluster(webhook=gatekeeper)
+    code, _, err = await steal_web(kenv, free_port(), "hook")
+    assert code == 1
+    assert last_line(err) == (
+        "netmirror: the API server refused to patch pods/ephemeralcontainers in namespace "
+        "'shop': admission webhook \"validate.policy.example\" denied the request: " + reason
+    )
+
+
+async def test_a_warn_level_namespace_warns_and_works(
+    env: Env, make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]
+) -> None:
+    _, kenv = await make_cluster(
+        namespaces={
+            NS: {
+                "pod-security.kubernetes.io/warn": "baseline",
+                "pod-security.kubernetes.io/audit": "restricted",
+            }
+        }
+    )
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    code, _, err = await steal_web(kenv, local, "warned")
+    assert code == 0, err
+    warnings_ = [line for line in err.splitlines() if "Pod Security" in line]
+    assert warnings_ == [
+        "warning: namespace 'shop' warns on Pod Security \"baseline\" "
+        "(pod-security.kubernetes.io/warn): the agent's ephemeral container violates it with "
+        "NET_ADMIN, NET_RAW, SYS_PTRACE; it is admitted, going on",
+        "warning: namespace 'shop' audits on Pod Security \"restricted\" "
+        "(pod-security.kubernetes.io/audit): the agent's ephemeral container violates it with "
+        "NET_ADMIN, NET_RAW, SYS_PTRACE, runAsNonRoot != true, runAsUser=0, seccompProfile; it is "
+        "admitted, going on",
+    ], err
+    assert await curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/") == "local\n"
+    code, _, err = await run(kenv, "down", "--session", "warned")
+    assert code == 0, err
+    assert env.chains() == ""
+
+
+async def test_with_an_agent_namespace_steal_mirror_and_exec_work(
+    env: Env,
+    make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]],
+    tmp_path: Path,
+) -> None:
+    fake, kenv = await make_cluster(namespaces=LOCKED)
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    # Configured, not asked for: the ephemeral agent would be refused, so the job runs
+    # in the agent namespace, and up says so.
+    config = tmp_path / "netmirror.yaml"
+    config.write_text(f"agent:\n  namespace: {AGENT_NS}\n")
+    code, _, err = await steal_web(kenv, local, "ans", "--config", str(config))
+    assert code == 0, err
+    assert (
+        "warning: namespace 'shop' enforces Pod Security \"baseline\", which rejects the "
+        "agent's NET_ADMIN, NET_RAW, SYS_PTRACE: running the agent as a job in namespace "
+        "'netmirror' instead"
+    ) in err.splitlines()
+    (job,) = fake.jobs
+    assert job["metadata"]["namespace"] == AGENT_NS
+    assert fake.patches == [] and fake.denied == [] and fake.spec_problems == []
+    assert await curl(url) == "local\n"
+    _, out, _ = await run(kenv, "status", "--json")
+    (session,) = json.loads(out)["sessions"]
+    where = session["agent"]["where"]
+    assert where.startswith("job netmirror-ans-") and where.endswith(
+        f" in namespace {AGENT_NS}, on node node-1"
+    ), where
+    code, _, err = await run(kenv, "down", "--session", "ans")
+    assert code == 0, err
+    await asyncio.to_thread(fake.agents[0].wait, 10)
+    assert env.chains() == ""
+    assert await curl(url) == "pod\n"
+    assert await job_status(fake, AGENT_NS, job["metadata"]["name"]) == 404
+
+    # Mirror by passthrough, with the flag this time.
+    sink = tmp_path / "sink.log"
+    mirror_local = free_port()
+    env.server("sink", mirror_local, in_pod=False, log=str(sink))
+    code, _, err = await run(
+        kenv,
+        "up",
+        "--target",
+        "deployment/web",
+        "--mirror",
+        f"{POD_PORT}:{mirror_local}",
+        "--mirror-method",
+        "passthrough",
+        "--agent-namespace",
+        AGENT_NS,
+        "--session",
+        "anm",
+    )
+    assert code == 0, err
+    for _ in range(2):
+        assert await curl(url) == "pod\n"
+
+    async def two_copies() -> list[str]:
+        lines = sink.read_text().splitlines() if sink.exists() else []
+        return lines if len(lines) >= 2 else []
+
+    await eventually_async(two_copies, 30, "the local copy did not get 2 connections")
+    code, _, err = await run(kenv, "down", "--session", "anm")
+    assert code == 0, err
+
+    # exec: the pod's environment, its names, its files.
+    script = (
+        f"echo color=$APP_COLOR; curl -sS -m 5 http://web-internal:{POD_PORT}/;"
+        "cat /etc/app/config/app.yaml"
+    )
+    code, out, err = await run(
+        kenv,
+        "exec",
+        "--target",
+        "deployment/web",
+        "--agent-namespace",
+        AGENT_NS,
+        "--session",
+        "anx",
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
+    assert code == 0, err
+    assert out.splitlines() == ["color=blue", "pod", "color: blue"], err
+    assert all(j["metadata"]["namespace"] == AGENT_NS for j in fake.jobs)
+    assert len(fake.jobs) == 3 and fake.patches == []
+    for agent in fake.agents:
+        await asyncio.to_thread(agent.wait, 10)
+    assert env.chains() == ""
+
+
+async def test_the_narrow_roles_of_the_manifests_are_enough(
+    env: Env, make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]
+) -> None:
+    """RBAC enforced: Role netmirror-target in the application namespace and Role
+    netmirror-agent in the agent namespace, nothing else, run a session."""
+    target_rules = role_rules("rbac.yaml", "netmirror-target")
+    agent_rules = role_rules("agent-namespace.yaml", "netmirror-agent")
+    fake, kenv = await make_cluster(
+        token="narrow",
+        namespaces=LOCKED,
+        rbac={
+            "narrow": [(NS, target_rules), (AGENT_NS, agent_rules)],
+            "no-agent-role": [(NS, target_rules)],
+        },
+    )
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    code, _, err = await steal_web(kenv, local, "narrow", "--agent-namespace", AGENT_NS)
+    assert code == 0, err
+    assert fake.denied == [], fake.denied
+    assert await curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/") == "local\n"
+    code, _, err = await run(kenv, "down", "--session", "narrow")
+    assert code == 0, err
+    assert fake.denied == [], fake.denied
+    (job,) = fake.jobs
+    assert await job_status(fake, AGENT_NS, job["metadata"]["name"]) == 404
+    await asyncio.to_thread(fake.agents[0].wait, 10)
+    assert env.chains() == ""
+
+    # Without the agent namespace's Role: one line naming it, and nothing created.
+    other = write_kubeconfig(
+        Path(kenv["KUBECONFIG"]).with_name("kubeconfig-other"),
+        fake.url,
+        {"token": "no-agent-role"},
+        namespace=NS,
+    )
+    kenv = kenv | {"KUBECONFIG": str(other)}
+    code, _, err = await steal_web(kenv, local, "noagent", "--agent-namespace", AGENT_NS)
+    assert code == 1
+    assert last_line(err) == (
+        "netmirror: forbidden: you cannot create jobs in namespace 'netmirror' (netmirror "
+        "needs the Role netmirror-agent in manifests/agent-namespace.yaml)"
+    )
+    assert len(fake.jobs) == 1

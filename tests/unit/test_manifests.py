@@ -29,6 +29,7 @@ PART_OF = ("app.kubernetes.io/part-of", "netmirror")
 # (apiVersion, kind) of each document the manifests may hold -> its kubernetes_asyncio model.
 # A kind missing here fails the test: add it, with the apiVersion the cluster serves it under.
 MODELS: dict[tuple[str, str], str] = {
+    ("v1", "Namespace"): "V1Namespace",
     ("v1", "Service"): "V1Service",
     ("v1", "ConfigMap"): "V1ConfigMap",
     ("v1", "ServiceAccount"): "V1ServiceAccount",
@@ -52,12 +53,34 @@ EXPECTED_RULES: dict[str, dict[tuple[str, str], frozenset[str]]] = {
         # WebSocket port-forward is a GET (authorized as `get` before Kubernetes 1.35);
         # 1.35+ also requires `create`.
         ("", "pods/portforward"): frozenset({"create", "get"}),
+        # Its own namespace's Pod Security labels (a Role grants get on that one only).
+        ("", "namespaces"): frozenset({"get"}),
     },
     "netmirror-job-mode": {
         ("batch", "jobs"): frozenset({"create", "delete", "get", "list", "watch"}),
         ("", "pods"): frozenset({"delete", "get", "list", "watch"}),
+        ("", "events"): frozenset({"list"}),
+    },
+    # An application namespace whose agent runs in the agent namespace: read only.
+    "netmirror-target": {
+        ("", "pods"): frozenset({"get", "list", "watch"}),
+        ("apps", "deployments"): frozenset({"get", "list"}),
+        ("apps", "statefulsets"): frozenset({"get", "list"}),
+        ("", "namespaces"): frozenset({"get"}),
+    },
+    # The agent namespace (agent-namespace.yaml): a Role only, no cluster-wide variant.
+    "netmirror-agent": {
+        ("batch", "jobs"): frozenset({"create", "delete", "get", "list", "watch"}),
+        ("", "pods"): frozenset({"delete", "get", "list", "watch"}),
+        ("", "pods/portforward"): frozenset({"create", "get"}),
+        ("", "events"): frozenset({"list"}),
+        ("", "namespaces"): frozenset({"get"}),
     },
 }
+#: Roles with no ClusterRole of the same rules.
+NAMESPACE_ONLY_ROLES = {"netmirror-agent"}
+#: The namespace of the agent namespace's Role and RoleBinding.
+AGENT_NAMESPACE = "netmirror"
 
 _PRIMITIVES: dict[str, tuple[type, ...]] = {
     "str": (str,),
@@ -260,8 +283,13 @@ def verbs_by_resource(doc: Document) -> dict[tuple[str, str], frozenset[str]]:
 @pytest.mark.parametrize("kind", ["Role", "ClusterRole"])
 def test_rbac_grants_exactly_the_minimal_verbs(kind: str) -> None:
     roles = {doc.name: doc for doc in of_kind(kind)}
-    assert set(roles) == set(EXPECTED_RULES)
-    for name, expected in EXPECTED_RULES.items():
+    wanted = {
+        name: rules
+        for name, rules in EXPECTED_RULES.items()
+        if kind == "Role" or name not in NAMESPACE_ONLY_ROLES
+    }
+    assert set(roles) == set(wanted)
+    for name, expected in wanted.items():
         granted = verbs_by_resource(roles[name])
         differences = []
         for group, resource in sorted(granted.keys() | expected.keys()):
@@ -287,7 +315,7 @@ def test_role_bindings_bind_each_role_to_a_placeholder_subject() -> None:
         bound.add((binding.namespace, ref["name"]))
         assert binding.body["subjects"], f"{binding.where}: no subject"
     assert bound == roles
-    text = (MANIFESTS / "rbac.yaml").read_text(encoding="utf-8")
+    text = "".join(p.read_text(encoding="utf-8") for p in sorted(MANIFESTS.glob("*.yaml")))
     assert text.count("EDIT ME") >= len(bindings)
 
 
@@ -295,7 +323,18 @@ def test_no_cluster_wide_grant_is_applied_by_default() -> None:
     """A ClusterRoleBinding is the admin's explicit choice, never part of `kubectl apply -f`."""
     assert of_kind("ClusterRoleBinding") == []
     assert all(doc.namespace is None for doc in of_kind("ClusterRole"))
-    assert all(doc.namespace == "default" for doc in of_kind("Role") + of_kind("RoleBinding"))
+    for doc in of_kind("Role") + of_kind("RoleBinding"):
+        expected = AGENT_NAMESPACE if doc.file == "agent-namespace.yaml" else "default"
+        assert doc.namespace == expected, doc.where
+
+
+def test_the_agent_namespace_admits_the_agent_job() -> None:
+    """Labelled privileged on all three modes, so neither enforce nor warnings get in the way."""
+    (namespace,) = of_kind("Namespace")
+    assert namespace.name == AGENT_NAMESPACE
+    labels = namespace.body["metadata"]["labels"]
+    for mode in ("enforce", "warn", "audit"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "privileged"
 
 
 # The sample app

@@ -83,6 +83,7 @@ def resolve_target(spec: str, config: Config | None = None, *, session: str = ""
             context=cfg.kubernetes.context,
             image=cfg.agent.image,
             mode=cfg.agent.mode,
+            agent_namespace=cfg.agent.namespace,
             port=cfg.agent.port or agent_port(session or cfg.session or spec),
         )
     raise TargetError(f"unknown target kind {kind!r} in {spec!r}; use netns/NAME or pid/PID")

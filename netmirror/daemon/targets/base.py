@@ -97,5 +97,10 @@ class Target(abc.ABC):
         *,
         log_file: IO[bytes],
         progress: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> AgentHandle:
-        """Start an agent in the target and wait until it listens."""
+        """Start an agent in the target and wait until it listens.
+
+        ``progress`` is told each step; ``warn`` gets what the user must see even
+        though the start goes on (a namespace that would only warn about the agent).
+        """

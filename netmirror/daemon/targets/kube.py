@@ -26,6 +26,7 @@ from netmirror.config.model import DEFAULT_AGENT_IMAGE
 from netmirror.daemon.targets.base import AgentHandle, AgentSettings, Target
 from netmirror.errors import AgentError, TargetError
 from netmirror.kube.cluster import KubeCluster, Progress, api_error, parse_spec
+from netmirror.kube.podsecurity import Policy, summary, violations
 from netmirror.kube.portforward import LocalForwarder, open_stream
 from netmirror.wire.connection import token_sha256
 
@@ -41,6 +42,12 @@ JOB_DEADLINE = 12 * 3600
 JOB_TTL_AFTER_FINISHED = 60
 #: Seconds to wait before watching again after a watch that ended sooner than that.
 WATCH_MIN_LIFETIME = 1.0
+#: Seconds between looks at a starting job's events (a pod admission refused).
+JOB_EVENTS_INTERVAL = 1.0
+#: The agent namespace of manifests/agent-namespace.yaml, named in hints.
+SUGGESTED_AGENT_NAMESPACE = "netmirror"
+AGENT_NAMESPACE_MANIFEST = "manifests/agent-namespace.yaml"
+AGENT_NAMESPACE_ROLE = f"the Role netmirror-agent in {AGENT_NAMESPACE_MANIFEST}"
 
 
 def agent_args(settings: AgentSettings, port: int) -> list[str]:
@@ -264,12 +271,14 @@ class KubeAgent(AgentHandle):
         *,
         info: dict[str, Any],
         job: str | None,
+        job_namespace: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.forwarder = forwarder
         self.http = http
         self.info = info
         self.job = job
+        self.job_namespace = job_namespace or cluster.namespace
 
     def connector(self) -> aiohttp.BaseConnector:
         return aiohttp.UnixConnector(path=str(self.forwarder.path))
@@ -298,7 +307,7 @@ class KubeAgent(AgentHandle):
         if self.job is not None:
             with contextlib.suppress(Exception):
                 await self.cluster.batch.delete_namespaced_job(
-                    self.job, self.cluster.namespace, propagation_policy="Background"
+                    self.job, self.job_namespace, propagation_policy="Background"
                 )
         await self.forwarder.close()
         await self.http.close()
@@ -317,8 +326,11 @@ class KubeTarget(Target):
         image: str,
         mode: str,
         port: int,
+        agent_namespace: str | None = None,
     ) -> None:
         self.spec = spec
+        self.agent_namespace = agent_namespace
+        """Where job-mode agents run (a namespace labelled privileged), if not the target's."""
         self.targetless = spec == "targetless"
         self.kube = None if self.targetless else parse_spec(spec)
         self.namespace = namespace
@@ -334,7 +346,12 @@ class KubeTarget(Target):
         return f"{self.kube}{where}"
 
     async def start_agent(
-        self, settings: AgentSettings, *, log_file: IO[bytes], progress: Progress | None = None
+        self,
+        settings: AgentSettings,
+        *,
+        log_file: IO[bytes],
+        progress: Progress | None = None,
+        warn: Progress | None = None,
     ) -> AgentHandle:
         say = progress or (lambda _text: None)
         cluster = await KubeCluster.connect(context=self.context, namespace=self.namespace)
@@ -348,9 +365,14 @@ class KubeTarget(Target):
             self.probe_sources = node_addresses(pod)
             self.mesh_hint = mesh_hint(pod)
             name = f"netmirror-{settings.session}-{secrets.token_hex(3)}"
+            mode, job_ns = await self._admission(
+                cluster, settings, pod, container, name, say, warn or say
+            )
             job: str | None = None
-            if self.mode == "job":
-                agent_pod = await self._start_job(cluster, settings, pod, container, name, say)
+            if mode == "job":
+                agent_pod = await self._start_job(
+                    cluster, settings, pod, container, name, say, namespace=job_ns
+                )
                 job = name
             else:
                 agent_pod = await self._start_ephemeral(
@@ -362,24 +384,113 @@ class KubeTarget(Target):
         http = aiohttp.ClientSession()
         endpoint = cluster.endpoint
         namespace = cluster.namespace
+        agent_ns = job_ns if job else namespace
 
         async def opener() -> Any:
             return await open_stream(
-                http, endpoint, namespace=namespace, pod=agent_pod, port=self.port
+                http, endpoint, namespace=agent_ns, pod=agent_pod, port=self.port
             )
 
         forwarder = LocalForwarder(opener, path=settings.workdir / "agent.sock")
         await forwarder.start()
-        say(f"port-forwarding to {namespace}/{agent_pod}:{self.port}")
+        say(f"port-forwarding to {agent_ns}/{agent_pod}:{self.port}")
         info = {
             "pod": pod.metadata.name,
             "namespace": namespace,
             "container": container,
             "agent": name,
-            "mode": self.mode,
+            "mode": mode,
             "node": pod.spec.node_name,
         }
-        return KubeAgent(cluster, forwarder, http, info=info, job=job)
+        if job and agent_ns != namespace:
+            info["agent_namespace"] = agent_ns
+        return KubeAgent(cluster, forwarder, http, info=info, job=job, job_namespace=agent_ns)
+
+    async def _admission(
+        self,
+        cluster: KubeCluster,
+        settings: AgentSettings,
+        pod: Any,
+        container: str,
+        name: str,
+        say: Progress,
+        warn: Progress,
+    ) -> tuple[str, str]:
+        """The agent mode and the job's namespace that Pod Security admission lets in.
+
+        Reads the Pod Security labels of the namespaces involved (when allowed to)
+        and checks the agent's spec against them before anything is created: a level
+        that would reject it is a one-line error with the way through, or, with an
+        agent namespace configured, the reason to run the agent there instead; a
+        ``warn`` or ``audit`` level it violates is a warning.
+        """
+        target_ns = cluster.namespace
+        policy = await cluster.pod_security(target_ns)
+        mode = self.mode
+        if mode == "ephemeral":
+            spec = {
+                "securityContext": _pod_security_context(cluster, pod),
+                "ephemeralContainers": [
+                    ephemeral_container(
+                        settings, name=name, image=self.image, port=self.port, target=container
+                    )
+                ],
+            }
+            found = violations(spec, policy.enforce) if policy is not None else []
+            if policy is not None and found:
+                reason = (
+                    f'namespace {target_ns!r} enforces Pod Security "{policy.enforce}", '
+                    f"which rejects the agent's {summary(found)}"
+                )
+                if self.agent_namespace is None:
+                    raise TargetError(
+                        f"{reason}; use --agent-mode job --agent-namespace "
+                        f"{SUGGESTED_AGENT_NAMESPACE} (see {AGENT_NAMESPACE_MANIFEST})"
+                    )
+                warn(
+                    f"{reason}: running the agent as a job in namespace "
+                    f"{self.agent_namespace!r} instead"
+                )
+                mode = "job"
+            elif policy is not None:
+                _warn_levels(policy, spec, "the agent's ephemeral container", warn)
+        job_ns = self.agent_namespace or target_ns
+        if mode != "job":
+            return mode, job_ns
+        job_policy = policy
+        if job_ns != target_ns:
+            job_policy = await cluster.pod_security(
+                job_ns, missing=f"create it with `kubectl apply -f {AGENT_NAMESPACE_MANIFEST}`"
+            )
+        body = agent_job(
+            settings,
+            name=name,
+            namespace=job_ns,
+            image=self.image,
+            port=self.port,
+            node=pod.spec.node_name or "",
+            container_id="",
+        )
+        pod_spec = body["spec"]["template"]["spec"]
+        found = violations(pod_spec, job_policy.enforce) if job_policy is not None else []
+        if job_policy is not None and found:
+            rejects = (
+                f'enforces Pod Security "{job_policy.enforce}", which rejects the agent '
+                f"job's {summary(found)}"
+            )
+            if job_ns == target_ns:
+                raise TargetError(
+                    f"namespace {job_ns!r} {rejects}; use --agent-namespace "
+                    f"{SUGGESTED_AGENT_NAMESPACE}, a namespace labelled privileged "
+                    f"(see {AGENT_NAMESPACE_MANIFEST})"
+                )
+            raise TargetError(
+                f"the agent namespace {job_ns!r} {rejects}; label it "
+                f"pod-security.kubernetes.io/enforce=privileged (see {AGENT_NAMESPACE_MANIFEST})"
+            )
+        if job_policy is not None:
+            _warn_levels(job_policy, pod_spec, "the agent job", warn)
+        return mode, job_ns
 
     async def _start_targetless(
         self, cluster: KubeCluster, settings: AgentSettings, say: Progress
@@ -397,7 +508,7 @@ class KubeTarget(Target):
             except Exception as exc:
                 raise api_error(exc, verb="create", resource="jobs", namespace=ns) from None
             created = True
-            agent_pod = await self._wait_job_pod(cluster, name, settings)
+            agent_pod = await self._wait_job_pod(cluster, name, settings, namespace=ns)
             http = aiohttp.ClientSession()
             session = http
             endpoint = cluster.endpoint
@@ -459,8 +570,10 @@ class KubeTarget(Target):
         container: str,
         name: str,
         say: Progress,
+        *,
+        namespace: str | None = None,
     ) -> str:
-        ns = cluster.namespace
+        ns = namespace or cluster.namespace
         statuses = {s.name: s for s in (pod.status.container_statuses or [])}
         status = statuses.get(container)
         if status is None or not status.container_id:
@@ -474,15 +587,35 @@ class KubeTarget(Target):
             node=pod.spec.node_name,
             container_id=status.container_id,
         )
-        say(f"starting agent job {name} on node {pod.spec.node_name}")
+        where = f" in namespace {ns}" if ns != cluster.namespace else ""
+        say(f"starting agent job {name}{where} on node {pod.spec.node_name}")
+        role = AGENT_NAMESPACE_ROLE if ns != cluster.namespace else "the Role netmirror-job-mode"
         try:
             await cluster.batch.create_namespaced_job(ns, body)
         except Exception as exc:
-            raise api_error(exc, verb="create", resource="jobs", namespace=ns) from None
-        return await self._wait_job_pod(cluster, name, settings)
+            raise api_error(exc, verb="create", resource="jobs", namespace=ns, role=role) from None
+        try:
+            return await self._wait_job_pod(cluster, name, settings, namespace=ns)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await cluster.batch.delete_namespaced_job(name, ns, propagation_policy="Background")
+            raise
 
-    async def _wait_job_pod(self, cluster: KubeCluster, name: str, settings: AgentSettings) -> str:
-        """The name of the job's pod, once its agent runs."""
+    async def _wait_job_pod(
+        self,
+        cluster: KubeCluster,
+        name: str,
+        settings: AgentSettings,
+        *,
+        namespace: str | None = None,
+    ) -> str:
+        """The name of the job's pod, once its agent runs.
+
+        A pod the job controller could not create (admission refused it: Pod
+        Security, a policy webhook) shows only in the job's events: they are read
+        meanwhile, and the refusal is the error, in the server's words.
+        """
+        ns = namespace or cluster.namespace
         deadline = asyncio.get_running_loop().time() + settings.ready_timeout
         found: list[str] = []  # the job's pod, once seen
         last = ["not started"]
@@ -497,8 +630,20 @@ class KubeTarget(Target):
                 return False
             return self._agent_running(pod, "agent", ephemeral=False, last=last)
 
+        watch = asyncio.ensure_future(
+            _watch_pods(
+                cluster, done, deadline=deadline, label_selector=f"job-name={name}", namespace=ns
+            )
+        )
+        refusal = asyncio.ensure_future(_job_refusal(cluster, ns, name, found))
         try:
-            await _watch_pods(cluster, done, deadline=deadline, label_selector=f"job-name={name}")
+            await asyncio.wait({watch, refusal}, return_when=asyncio.FIRST_COMPLETED)
+            if refusal.done() and not refusal.cancelled() and refusal.result() and not watch.done():
+                raise AgentError(
+                    f"the agent job {name} in namespace {ns!r} cannot create its pod: "
+                    f"{refusal.result()}"
+                )
+            await watch
         except TimeoutError:
             if not found:
                 raise AgentError(
@@ -507,6 +652,10 @@ class KubeTarget(Target):
             raise AgentError(
                 f"the agent was not running within {settings.ready_timeout:.0f}s ({last[0]})"
             ) from None
+        finally:
+            for task in (watch, refusal):
+                task.cancel()
+            await asyncio.gather(watch, refusal, return_exceptions=True)
         return found[0]
 
     async def _wait_running(
@@ -601,6 +750,7 @@ async def _watch_pods(
     deadline: float,
     field_selector: str | None = None,
     label_selector: str | None = None,
+    namespace: str | None = None,
 ) -> None:
     """Return once ``done(pod)`` is true for a pod of the namespace; it may raise.
 
@@ -613,7 +763,7 @@ async def _watch_pods(
     from kubernetes_asyncio import watch
     from kubernetes_asyncio.client.exceptions import ApiException
 
-    ns = cluster.namespace
+    ns = namespace or cluster.namespace
     selectors: dict[str, str] = {}
     if field_selector is not None:
         selectors["field_selector"] = field_selector
@@ -652,3 +802,50 @@ async def _watch_pods(
             if loop.time() - started < WATCH_MIN_LIFETIME:
                 # A server that ends every watch at once must not be hammered.
                 await asyncio.sleep(WATCH_MIN_LIFETIME)
+
+
+async def _job_refusal(cluster: KubeCluster, ns: str, job: str, found: list[str]) -> str | None:
+    """The message of the job's first ``FailedCreate`` event, once there is one.
+
+    Returns None at once when events cannot be read (the watch alone decides
+    then), and waits forever once the job's pod exists.
+    """
+    while not found:
+        try:
+            events = await cluster.core.list_namespaced_event(
+                ns, field_selector=f"involvedObject.name={job}"
+            )
+        except Exception as exc:
+            log.debug("cannot read the events of job %s: %s", job, exc)
+            return None
+        for event in events.items or []:
+            involved = event.involved_object
+            if event.reason == "FailedCreate" and involved is not None and involved.name == job:
+                return " ".join(str(event.message or "no message").split())
+        await asyncio.sleep(JOB_EVENTS_INTERVAL)
+    await asyncio.Event().wait()
+    return None
+
+
+def _pod_security_context(cluster: KubeCluster, pod: Any) -> dict[str, Any]:
+    """The target pod's own securityContext as a dict (it applies to an ephemeral container)."""
+    context = pod.spec.security_context if pod.spec is not None else None
+    if context is None:
+        return {}
+    data = cluster.api.sanitize_for_serialization(context)
+    return data if isinstance(data, dict) else {}
+
+
+def _warn_levels(policy: Policy, spec: dict[str, Any], what: str, warn: Progress) -> None:
+    """A warning for each ``warn``/``audit`` level of ``policy`` that ``spec`` violates."""
+    for mode, verb in (("warn", "warns"), ("audit", "audits")):
+        level = policy.levels.get(mode)
+        if level is None:
+            continue
+        found = violations(spec, level)
+        if found:
+            warn(
+                f'namespace {policy.namespace!r} {verb} on Pod Security "{level}" '
+                f"(pod-security.kubernetes.io/{mode}): {what} violates it with "
+                f"{summary(found)}; it is admitted, going on"
+            )

@@ -82,6 +82,7 @@ class LocalNamespaceTarget(Target):
         *,
         log_file: IO[bytes],
         progress: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> AgentHandle:
         socket_path = settings.workdir / "agent.sock"
         cmd = [

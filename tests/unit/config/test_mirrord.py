@@ -75,7 +75,12 @@ def test_outgoing_dns_env_fs_agent_and_unknown_keys() -> None:
                 "fs": {"mode": "read", "read_write": ["/data/.*", "\\.log$"]},
                 "hostname": True,
             },
-            "agent": {"image": "reg/agent:1", "ttl": 30, "ephemeral": False},
+            "agent": {
+                "image": "reg/agent:1",
+                "ttl": 30,
+                "ephemeral": False,
+                "namespace": "mirrord-agents",
+            },
             "kube_context": "staging",
             "telemetry": False,
         }
@@ -89,7 +94,12 @@ def test_outgoing_dns_env_fs_agent_and_unknown_keys() -> None:
     }
     assert out["env"] == {"include": ["APP_*", "DB_URL"], "exclude": ["SECRET"]}
     assert out["files"] == {"enabled": True, "read_write": ["/data/**"]}
-    assert out["agent"] == {"image": "reg/agent:1", "ttl": 30, "mode": "job"}
+    assert out["agent"] == {
+        "image": "reg/agent:1",
+        "ttl": 30,
+        "mode": "job",
+        "namespace": "mirrord-agents",
+    }
     assert out["kubernetes"] == {"context": "staging"}
     ignored = {n.key for n in notes if n.mapped_to is None}
     assert ignored == {

@@ -133,9 +133,15 @@ def test_config_error_is_a_netmirror_error() -> None:
         ),
         (
             {"agent": {"imgae": "x"}},
-            "agent.imgae: unknown key (expected one of image, ttl, ready_timeout, mode, port)",
+            "agent.imgae: unknown key "
+            "(expected one of image, ttl, ready_timeout, mode, namespace, port)",
         ),
         ({"agent": {"ttl": 0}}, "agent.ttl: 0 must be greater than 0"),
+        (
+            {"agent": {"namespace": "Agents_NS"}},
+            "agent.namespace: 'Agents_NS' is not a namespace name (lower case letters, digits "
+            "and '-', at most 63)",
+        ),
         ({"agent": {"ttl": 3601}}, "agent.ttl: 3601 must be at most 3600"),
         ({"agent": {"ttl": float("inf")}}, "agent.ttl: inf is not a finite number"),
         ({"agent": {"ready_timeout": -1}}, "agent.ready_timeout: -1 must be greater than 0"),
@@ -933,7 +939,14 @@ def test_json_schema() -> None:
     assert port["properties"]["remote"]["maximum"] == 65535
     assert port["properties"]["mode"]["enum"] == ["steal", "mirror", "off"]
     agent = schema["$defs"]["AgentConfig"]
-    assert list(agent["properties"]) == ["image", "ttl", "ready_timeout", "mode", "port"]
+    assert list(agent["properties"]) == [
+        "image",
+        "ttl",
+        "ready_timeout",
+        "mode",
+        "namespace",
+        "port",
+    ]
     assert agent["properties"]["ttl"]["exclusiveMinimum"] == 0
     assert agent["properties"]["ttl"]["maximum"] == 3600
     env = schema["$defs"]["EnvConfig"]
