@@ -76,6 +76,15 @@ def status_message(exc: Exception) -> str | None:
     return _one_line(message) if message else None
 
 
+class RefusedError(TargetError):
+    """The API server refused the request, by RBAC or by admission; nothing was made."""
+
+    def __init__(self, message: str, *, admission: bool) -> None:
+        super().__init__(message)
+        self.admission = admission
+        """Refused by an admission controller (Pod Security, a webhook), not by RBAC."""
+
+
 def api_error(
     exc: Exception,
     *,
@@ -95,18 +104,23 @@ def api_error(
     if status == 401:
         return TargetError("the API server rejected your credentials (401): check your kubeconfig")
     if status == 403 and (message is None or RBAC_DENIAL.search(message)):
-        return TargetError(
+        return RefusedError(
             f"forbidden: you cannot {verb} {resource} in namespace {namespace!r} "
-            f"(netmirror needs {role})"
+            f"(netmirror needs {role})",
+            admission=False,
         )
     if message and status is not None and status >= 400:
         hint = ""
         if "violates PodSecurity" in message:
             hint = " (see docs/kubernetes.md, Locked-down clusters)"
-        return TargetError(
+        text = (
             f"the API server refused to {verb} {resource} in namespace {namespace!r}: "
             f"{message}{hint}"
         )
+        # 400, 403 and 422 are the codes of admission's refusals; others are failures.
+        if status in (400, 403, 422):
+            return RefusedError(text, admission=True)
+        return TargetError(text)
     reason = getattr(exc, "reason", None) or exc
     return TargetError(f"cannot {verb} {resource} in namespace {namespace!r}: {reason}")
 

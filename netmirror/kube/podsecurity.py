@@ -70,15 +70,18 @@ class Policy:
 def policy_from_labels(namespace: str, labels: Mapping[str, str] | None) -> Policy:
     """The policy a namespace's labels set.
 
-    A level the admission controller does not know counts as ``restricted``, as the
-    controller itself treats it (it fails closed).
+    A level the admission controller does not know counts as it counts there:
+    ``restricted`` for ``enforce`` (it fails closed), ``privileged`` for ``warn`` and
+    ``audit`` (they fail open).
     """
     levels: dict[str, str] = {}
     for mode in MODES:
         value = (labels or {}).get(LABEL_PREFIX + mode)
         if value is None:
             continue
-        levels[mode] = value if value in LEVELS else "restricted"
+        if value not in LEVELS:
+            value = "restricted" if mode == "enforce" else "privileged"
+        levels[mode] = value
     return Policy(namespace, levels)
 
 
@@ -152,14 +155,18 @@ def violations(pod_spec: Mapping[str, Any], level: str) -> list[Violation]:
     ]
     if not_dropping and not added:
         found.append(Violation("unrestricted capabilities", "drop ALL: " + ", ".join(not_dropping)))
-    root = [
-        name for name, c in containers if not _setting(pod_context, _context(c), "runAsNonRoot")
+    # The pod's own setting counts even where every container overrides it.
+    root = [] if pod_context.get("runAsNonRoot") is not False else ["pod"]
+    root += [
+        name
+        for name, c in containers
+        if _context(c).get("runAsNonRoot") is False
+        or not _setting(pod_context, _context(c), "runAsNonRoot")
     ]
     if root:
         found.append(Violation("runAsNonRoot != true", ", ".join(root)))
-    uid_zero = [
-        name for name, c in containers if _setting(pod_context, _context(c), "runAsUser") == 0
-    ]
+    uid_zero = ["pod"] if pod_context.get("runAsUser") == 0 else []
+    uid_zero += [name for name, c in containers if _context(c).get("runAsUser") == 0]
     if uid_zero:
         found.append(Violation("runAsUser=0", ", ".join(uid_zero)))
     unprofiled = [

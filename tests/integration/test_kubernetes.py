@@ -118,6 +118,7 @@ class FakeCluster:
         rbac: dict[str, list[tuple[str, list[dict[str, Any]]]]] | None = None,
         webhook: Callable[[str, dict[str, Any]], str | None] | None = None,
         hide_namespaces: bool = False,
+        exempt: bool = False,
     ) -> None:
         self.namespaces = namespaces if namespaces is not None else {NS: {}}
         """Namespaces and their labels (Pod Security admission reads them)."""
@@ -127,8 +128,14 @@ class FakeCluster:
         """With grants, RBAC is enforced: bearer token -> [(namespace, the rules of a Role)]."""
         self.webhook = webhook
         """A validating admission webhook: (what, object) -> the reason it denies, or None."""
+        self.exempt = exempt
+        """Pod Security admission exempts the user (its configuration, not the labels)."""
         self.denied: list[str] = []
         """The requests RBAC or admission refused, in words."""
+        self.dry_runs: list[str] = []
+        """The dry runs (``dryRun=All``) admission judged: what, and admitted or refused."""
+        self.allowed: set[tuple[str, str, str, str]] = set()
+        """(verb, namespace, API group, resource) of every request RBAC let through."""
         self.events: list[dict[str, Any]] = []
         self.probes = probes
         """The pod's container has an httpGet readiness and a tcpSocket liveness probe on
@@ -285,7 +292,7 @@ class FakeCluster:
                 403,
                 "Forbidden",
                 f'namespaces "{name}" is forbidden: User "dev" cannot get resource '
-                '"namespaces" in API group "" in the namespace "{name}"',
+                f'"namespaces" in API group "" in the namespace "{name}"',
             )
         if name not in self.namespaces:
             return _status_response(404, "NotFound", f'namespaces "{name}" not found')
@@ -300,7 +307,9 @@ class FakeCluster:
 
     async def _patch_ephemeral(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.patches.append({"content_type": request.content_type, "body": body})
+        dry_run = request.query.get("dryRun") == "All"
+        if not dry_run:
+            self.patches.append({"content_type": request.content_type, "body": body})
         self.spec_problems += field_problems(body, "V1Pod", "patch")
         (container,) = body["spec"]["ephemeralContainers"]
         if "--session" in container["args"] and "denied" in container["args"]:
@@ -317,14 +326,23 @@ class FakeCluster:
                 "Forbidden",
                 f'admission webhook "validate.policy.example" denied the request: {reason}',
             )
-        # Pod Security admission judges the pod with its new ephemeral container.
+        # Pod Security admission judges the whole pod with its new ephemeral container.
+        pod_url = f"{self.kmock_url}/api/v1/namespaces/{NS}/pods/{POD}"
+        async with self.http.get(pod_url) as got:
+            current = await got.json()
+        pod_spec = {**current["spec"], "ephemeralContainers": [container]}
         labels = self.namespaces.get(NS, {})
         level = admission.level_of(labels, "enforce")
-        failures = admission.check({"ephemeralContainers": [container]}, level)
+        failures = [] if self.exempt else admission.check(pod_spec, level)
+        if dry_run:
+            self.dry_runs.append(f"ephemeralcontainers: {'refused' if failures else 'admitted'}")
         if failures:
-            self.denied.append(f"pod security: {failures}")
+            if not dry_run:
+                self.denied.append(f"pod security: {failures}")
             return web.json_response(admission.forbidden(POD, level, failures), status=403)
-        headers = self._warnings({"ephemeralContainers": [container]}, labels)
+        headers = self._warnings(pod_spec, labels)
+        if dry_run:  # admitted, and nothing is changed
+            return web.json_response(current, headers=headers)
         state: dict[str, Any] = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
         if container["image"].startswith("missing/"):
             state = {
@@ -413,6 +431,7 @@ class FakeCluster:
                 and verb in rule["verbs"]
                 for rule in rules
             ):
+                self.allowed.add((verb, ns, group, resource))
                 return await handler(request)
         self.denied.append(f"rbac: {verb} {resource} in {ns}")
         kind = resource.partition("/")[0]
@@ -1408,7 +1427,9 @@ async def test_a_baseline_namespace_is_refused_before_anything_is_created(
         "netmirror, a namespace labelled privileged (see manifests/agent-namespace.yaml)"
     )
     assert fake.patches == [] and fake.jobs == [] and fake.agents == []
-    assert fake.denied == []  # the server was not even asked
+    # The server was asked only for a dry run of the ephemeral agent (no exemption),
+    # and not even that for the job.
+    assert fake.dry_runs == ["ephemeralcontainers: refused"] and fake.denied == []
     assert env.chains() == ""
     assert not os.listdir(env.state_dir) if env.state_dir.exists() else True
 
@@ -1594,7 +1615,7 @@ async def test_the_narrow_roles_of_the_manifests_are_enough(
 ) -> None:
     """RBAC enforced: Role netmirror-target in the application namespace and Role
     netmirror-agent in the agent namespace, nothing else, run a session."""
-    target_rules = role_rules("rbac.yaml", "netmirror-target")
+    target_rules = role_rules("rbac-target.yaml", "netmirror-target")
     agent_rules = role_rules("agent-namespace.yaml", "netmirror-agent")
     fake, kenv = await make_cluster(
         token="narrow",
@@ -1612,7 +1633,25 @@ async def test_the_narrow_roles_of_the_manifests_are_enough(
     assert await curl(f"http://{env.sandbox.pod_ip}:{POD_PORT}/") == "local\n"
     code, _, err = await run(kenv, "down", "--session", "narrow")
     assert code == 0, err
+    code, out, err = await run(kenv, "ls")
+    assert code == 0 and "deployment/web" in out, err
     assert fake.denied == [], fake.denied
+    # ... and no wider than needed: every right granted was used, but for these.
+    granted = {
+        (verb, ns, group, resource)
+        for ns, rules in ((NS, target_rules), (AGENT_NS, agent_rules))
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert granted - fake.allowed <= {
+        ("get", NS, "", "pods"),  # a target given as pod/NAME
+        ("get", NS, "apps", "statefulsets"),  # ... or as statefulset/NAME
+        ("watch", AGENT_NS, "", "pods"),  # the job's pod, when not running at the first list
+        ("create", AGENT_NS, "", "pods/portforward"),  # WebSocket port-forward from 1.35 on
+        ("list", AGENT_NS, "", "events"),  # read only while the job has no pod yet
+    }, sorted(granted - fake.allowed)
     (job,) = fake.jobs
     assert await job_status(fake, AGENT_NS, job["metadata"]["name"]) == 404
     await asyncio.to_thread(fake.agents[0].wait, 10)
@@ -1633,3 +1672,86 @@ async def test_the_narrow_roles_of_the_manifests_are_enough(
         "needs the Role netmirror-agent in manifests/agent-namespace.yaml)"
     )
     assert len(fake.jobs) == 1
+
+
+async def test_a_refusal_the_labels_did_not_foretell_runs_the_agent_in_the_agent_namespace(
+    env: Env, make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]
+) -> None:
+    """The labels cannot be read (as with a cluster-wide default level): the ephemeral
+    agent is refused by the server, nothing is made, and the agent namespace is used."""
+    fake, kenv = await make_cluster(namespaces=LOCKED, hide_namespaces=True)
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    code, _, err = await steal_web(kenv, local, "fallback", "--agent-namespace", AGENT_NS)
+    assert code == 0, err
+    (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warning.startswith(
+        "warning: the API server refused to patch pods/ephemeralcontainers in namespace "
+        f'\'shop\': pods "{POD}" is forbidden: violates PodSecurity "baseline:latest"'
+    ), warning
+    assert warning.endswith(": running the agent as a job in namespace 'netmirror' instead")
+    (job,) = fake.jobs
+    assert job["metadata"]["namespace"] == AGENT_NS and fake.patches[0]
+    assert await curl(url) == "local\n"
+    code, _, err = await run(kenv, "down", "--session", "fallback")
+    assert code == 0, err
+    assert await job_status(fake, AGENT_NS, job["metadata"]["name"]) == 404
+    await asyncio.to_thread(fake.agents[0].wait, 10)
+    assert env.chains() == ""
+    assert await curl(url) == "pod\n"
+
+
+async def test_an_exempt_user_gets_the_ephemeral_agent_the_labels_would_refuse(
+    env: Env, make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]
+) -> None:
+    """Exemptions live in the admission configuration, not in the labels: a dry run asks."""
+    fake, kenv = await make_cluster(namespaces={NS: BASELINE}, exempt=True)
+    url = f"http://{env.sandbox.pod_ip}:{POD_PORT}/"
+    local = free_port()
+    env.server("http", local, in_pod=False, text="local\n")
+    code, _, err = await steal_web(kenv, local, "exempt")
+    assert code == 0, err
+    assert (
+        "warning: namespace 'shop' enforces Pod Security \"baseline\", which rejects the "
+        "agent's NET_ADMIN, NET_RAW, SYS_PTRACE, but admits it for you (an exemption)"
+    ) in err.splitlines(), err
+    assert fake.dry_runs == ["ephemeralcontainers: admitted"]
+    assert len(fake.patches) == 1 and fake.jobs == []
+    assert await curl(url) == "local\n"
+    code, _, err = await run(kenv, "down", "--session", "exempt")
+    assert code == 0, err
+    await asyncio.to_thread(fake.agents[0].wait, 10)
+    assert env.chains() == ""
+
+
+async def test_restricted_and_unusable_agent_namespaces_are_refused_before_creating(
+    env: Env, make_cluster: Callable[..., Awaitable[tuple[FakeCluster, dict[str, str]]]]
+) -> None:
+    fake, kenv = await make_cluster(
+        namespaces={NS: {"pod-security.kubernetes.io/enforce": "restricted"}, "plain": BASELINE}
+    )
+    local = free_port()
+    code, _, err = await steal_web(kenv, local, "strict")
+    assert code == 1
+    assert last_line(err) == (
+        "netmirror: namespace 'shop' enforces Pod Security \"restricted\", which rejects the "
+        "agent's NET_ADMIN, NET_RAW, SYS_PTRACE, runAsNonRoot != true, runAsUser=0, "
+        "seccompProfile; use --agent-mode job --agent-namespace netmirror "
+        "(see manifests/agent-namespace.yaml)"
+    )
+    code, _, err = await steal_web(kenv, local, "nons", "--agent-namespace", "nope")
+    assert code == 1
+    assert last_line(err) == (
+        "netmirror: namespace 'nope' does not exist: create it with "
+        "`kubectl apply -f manifests/agent-namespace.yaml`"
+    )
+    code, _, err = await steal_web(kenv, local, "plain", "--agent-namespace", "plain")
+    assert code == 1
+    assert last_line(err) == (
+        "netmirror: the agent namespace 'plain' enforces Pod Security \"baseline\", which "
+        "rejects the agent job's hostPID, NET_ADMIN, NET_RAW, SYS_ADMIN, SYS_PTRACE; label it "
+        "pod-security.kubernetes.io/enforce=privileged (see manifests/agent-namespace.yaml)"
+    )
+    assert fake.patches == [] and fake.jobs == [] and fake.agents == [] and fake.denied == []
+    assert env.chains() == ""

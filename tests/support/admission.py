@@ -18,8 +18,11 @@ RANK = {"privileged": 0, "baseline": 1, "restricted": 2}
 
 
 def level_of(labels: dict[str, str], mode: str) -> str:
+    """The level of ``mode``; one the server does not know fails closed only for enforce."""
     value = labels.get(f"pod-security.kubernetes.io/{mode}", "privileged")
-    return value if value in RANK else "restricted"
+    if value in RANK:
+        return value
+    return "restricted" if mode == "enforce" else "privileged"
 
 
 def _quoted(items: list[str]) -> str:
@@ -93,18 +96,25 @@ def check(spec: dict[str, Any], level: str) -> list[str]:
     out += _failure("unrestricted capabilities", capability_messages)
     out += _failure(
         "runAsNonRoot != true",
-        [
+        (
+            ["pod must not set securityContext.runAsNonRoot=false"]
+            if pod_ctx.get("runAsNonRoot") is False
+            else []
+        )
+        + [
             f'pod or container "{c["name"]}" must set securityContext.runAsNonRoot=true'
             for c in containers
-            if not _ctx(c).get("runAsNonRoot", pod_ctx.get("runAsNonRoot"))
+            if _ctx(c).get("runAsNonRoot") is False
+            or not _ctx(c).get("runAsNonRoot", pod_ctx.get("runAsNonRoot"))
         ],
     )
     out += _failure(
         "runAsUser=0",
-        [
+        (["pod must not set runAsUser=0"] if pod_ctx.get("runAsUser") == 0 else [])
+        + [
             f'container "{c["name"]}" must not set runAsUser=0'
             for c in containers
-            if _ctx(c).get("runAsUser", pod_ctx.get("runAsUser")) == 0
+            if _ctx(c).get("runAsUser") == 0
         ],
     )
     pod_profile = (pod_ctx.get("seccompProfile") or {}).get("type")

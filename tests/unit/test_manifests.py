@@ -49,7 +49,7 @@ EXPECTED_RULES: dict[str, dict[tuple[str, str], frozenset[str]]] = {
         ("", "pods"): frozenset({"get", "list", "watch"}),
         ("apps", "deployments"): frozenset({"get", "list"}),
         ("apps", "statefulsets"): frozenset({"get", "list"}),
-        ("", "pods/ephemeralcontainers"): frozenset({"get", "patch"}),
+        ("", "pods/ephemeralcontainers"): frozenset({"patch"}),
         # WebSocket port-forward is a GET (authorized as `get` before Kubernetes 1.35);
         # 1.35+ also requires `create`.
         ("", "pods/portforward"): frozenset({"create", "get"}),
@@ -57,21 +57,21 @@ EXPECTED_RULES: dict[str, dict[tuple[str, str], frozenset[str]]] = {
         ("", "namespaces"): frozenset({"get"}),
     },
     "netmirror-job-mode": {
-        ("batch", "jobs"): frozenset({"create", "delete", "get", "list", "watch"}),
-        ("", "pods"): frozenset({"delete", "get", "list", "watch"}),
+        ("batch", "jobs"): frozenset({"create", "delete"}),
         ("", "events"): frozenset({"list"}),
     },
-    # An application namespace whose agent runs in the agent namespace: read only.
+    # An application namespace whose agent runs in the agent namespace (rbac-target.yaml):
+    # read only.
     "netmirror-target": {
-        ("", "pods"): frozenset({"get", "list", "watch"}),
+        ("", "pods"): frozenset({"get", "list"}),
         ("apps", "deployments"): frozenset({"get", "list"}),
         ("apps", "statefulsets"): frozenset({"get", "list"}),
         ("", "namespaces"): frozenset({"get"}),
     },
     # The agent namespace (agent-namespace.yaml): a Role only, no cluster-wide variant.
     "netmirror-agent": {
-        ("batch", "jobs"): frozenset({"create", "delete", "get", "list", "watch"}),
-        ("", "pods"): frozenset({"delete", "get", "list", "watch"}),
+        ("batch", "jobs"): frozenset({"create", "delete"}),
+        ("", "pods"): frozenset({"list", "watch"}),
         ("", "pods/portforward"): frozenset({"create", "get"}),
         ("", "events"): frozenset({"list"}),
         ("", "namespaces"): frozenset({"get"}),
@@ -193,7 +193,9 @@ class _Response:
 
 
 def test_manifests_exist() -> None:
-    assert {"rbac.yaml", "sample-app.yaml"} <= {doc.file for doc in DOCUMENTS}
+    assert {"rbac.yaml", "rbac-target.yaml", "agent-namespace.yaml", "sample-app.yaml"} <= {
+        doc.file for doc in DOCUMENTS
+    }
 
 
 @pytest.mark.parametrize("doc", DOCUMENTS, ids=lambda doc: doc.where)
@@ -324,7 +326,10 @@ def test_no_cluster_wide_grant_is_applied_by_default() -> None:
     assert of_kind("ClusterRoleBinding") == []
     assert all(doc.namespace is None for doc in of_kind("ClusterRole"))
     for doc in of_kind("Role") + of_kind("RoleBinding"):
-        expected = AGENT_NAMESPACE if doc.file == "agent-namespace.yaml" else "default"
+        # rbac-target.yaml is applied with `kubectl apply -n NS`: it names no namespace.
+        expected = {"agent-namespace.yaml": AGENT_NAMESPACE, "rbac-target.yaml": None}.get(
+            doc.file, "default"
+        )
         assert doc.namespace == expected, doc.where
 
 

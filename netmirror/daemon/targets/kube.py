@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import secrets
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ import aiohttp
 from netmirror.config.model import DEFAULT_AGENT_IMAGE
 from netmirror.daemon.targets.base import AgentHandle, AgentSettings, Target
 from netmirror.errors import AgentError, TargetError
-from netmirror.kube.cluster import KubeCluster, Progress, api_error, parse_spec
+from netmirror.kube.cluster import KubeCluster, Progress, RefusedError, api_error, parse_spec
 from netmirror.kube.podsecurity import Policy, summary, violations
 from netmirror.kube.portforward import LocalForwarder, open_stream
 from netmirror.wire.connection import token_sha256
@@ -375,9 +376,27 @@ class KubeTarget(Target):
                 )
                 job = name
             else:
-                agent_pod = await self._start_ephemeral(
-                    cluster, settings, pod, container, name, say
-                )
+                try:
+                    agent_pod = await self._start_ephemeral(
+                        cluster, settings, pod, container, name, say
+                    )
+                except RefusedError as refused:
+                    # Refused before anything was made (labels that could not be read,
+                    # a cluster-wide default level, a webhook, a role without the
+                    # patch): the agent namespace is the way through.
+                    if self.agent_namespace is None:
+                        raise
+                    job_ns = self.agent_namespace
+                    (warn or say)(
+                        f"{refused}: running the agent as a job in namespace {job_ns!r} instead"
+                    )
+                    await self._job_admission(
+                        cluster, settings, pod, name, job_ns, None, warn or say
+                    )
+                    agent_pod = await self._start_job(
+                        cluster, settings, pod, container, name, say, namespace=job_ns
+                    )
+                    job = name
         except BaseException:
             await cluster.close()
             raise
@@ -392,7 +411,17 @@ class KubeTarget(Target):
             )
 
         forwarder = LocalForwarder(opener, path=settings.workdir / "agent.sock")
-        await forwarder.start()
+        try:
+            await forwarder.start()
+        except BaseException:
+            if job is not None:
+                with contextlib.suppress(Exception):
+                    await cluster.batch.delete_namespaced_job(
+                        job, agent_ns, propagation_policy="Background"
+                    )
+            await http.close()
+            await cluster.close()
+            raise
         say(f"port-forwarding to {agent_ns}/{agent_pod}:{self.port}")
         info = {
             "pod": pod.metadata.name,
@@ -443,6 +472,11 @@ class KubeTarget(Target):
                     f"which rejects the agent's {summary(found)}"
                 )
                 if self.agent_namespace is None:
+                    if await self._admitted_anyway(cluster, pod, spec):
+                        # Exempt (the admission configuration names the user, the
+                        # namespace or the runtime class): the labels do not say so.
+                        warn(f"{reason}, but admits it for you (an exemption)")
+                        return mode, target_ns
                     raise TargetError(
                         f"{reason}; use --agent-mode job --agent-namespace "
                         f"{SUGGESTED_AGENT_NAMESPACE} (see {AGENT_NAMESPACE_MANIFEST})"
@@ -455,9 +489,42 @@ class KubeTarget(Target):
             elif policy is not None:
                 _warn_levels(policy, spec, "the agent's ephemeral container", warn)
         job_ns = self.agent_namespace or target_ns
-        if mode != "job":
-            return mode, job_ns
-        job_policy = policy
+        if mode == "job":
+            await self._job_admission(cluster, settings, pod, name, job_ns, policy, warn)
+        return mode, job_ns
+
+    async def _admitted_anyway(self, cluster: KubeCluster, pod: Any, spec: dict[str, Any]) -> bool:
+        """Whether the API server admits the ephemeral agent its labels say it rejects.
+
+        Asked with a dry run, which passes admission and changes nothing. Any
+        failure (a webhook without dry-run support, no right to patch) is a no.
+        """
+        try:
+            await cluster.core.patch_namespaced_pod_ephemeralcontainers(
+                pod.metadata.name,
+                cluster.namespace,
+                {"spec": {"ephemeralContainers": spec["ephemeralContainers"]}},
+                dry_run="All",
+                _content_type="application/strategic-merge-patch+json",
+            )
+        except Exception as exc:
+            log.debug("the dry run of the ephemeral agent was refused: %s", exc)
+            return False
+        return True
+
+    async def _job_admission(
+        self,
+        cluster: KubeCluster,
+        settings: AgentSettings,
+        pod: Any,
+        name: str,
+        job_ns: str,
+        target_policy: Policy | None,
+        warn: Progress,
+    ) -> None:
+        """Refuses (one line, with the fix) an agent job the namespace would reject."""
+        target_ns = cluster.namespace
+        job_policy = target_policy
         if job_ns != target_ns:
             job_policy = await cluster.pod_security(
                 job_ns, missing=f"create it with `kubectl apply -f {AGENT_NAMESPACE_MANIFEST}`"
@@ -490,7 +557,6 @@ class KubeTarget(Target):
             )
         if job_policy is not None:
             _warn_levels(job_policy, pod_spec, "the agent job", warn)
-        return mode, job_ns
 
     async def _start_targetless(
         self, cluster: KubeCluster, settings: AgentSettings, say: Progress
@@ -635,7 +701,8 @@ class KubeTarget(Target):
                 cluster, done, deadline=deadline, label_selector=f"job-name={name}", namespace=ns
             )
         )
-        refusal = asyncio.ensure_future(_job_refusal(cluster, ns, name, found))
+        failures: list[str] = []  # the job controller's failures to create it, if any
+        refusal = asyncio.ensure_future(_job_refusal(cluster, ns, name, found, failures))
         try:
             await asyncio.wait({watch, refusal}, return_when=asyncio.FIRST_COMPLETED)
             if refusal.done() and not refusal.cancelled() and refusal.result() and not watch.done():
@@ -646,8 +713,9 @@ class KubeTarget(Target):
             await watch
         except TimeoutError:
             if not found:
+                why = f": {failures[-1]}" if failures else ""
                 raise AgentError(
-                    f"the agent job {name} made no pod in {settings.ready_timeout:.0f}s"
+                    f"the agent job {name} made no pod in {settings.ready_timeout:.0f}s{why}"
                 ) from None
             raise AgentError(
                 f"the agent was not running within {settings.ready_timeout:.0f}s ({last[0]})"
@@ -764,6 +832,11 @@ async def _watch_pods(
     from kubernetes_asyncio.client.exceptions import ApiException
 
     ns = namespace or cluster.namespace
+    role = AGENT_NAMESPACE_ROLE if ns != cluster.namespace else "the Role in manifests/rbac.yaml"
+
+    def refused(exc: Exception, verb: str) -> Exception:
+        return api_error(exc, verb=verb, resource="pods", namespace=ns, role=role)
+
     selectors: dict[str, str] = {}
     if field_selector is not None:
         selectors["field_selector"] = field_selector
@@ -775,7 +848,7 @@ async def _watch_pods(
             try:
                 listing = await cluster.core.list_namespaced_pod(ns, **selectors)
             except Exception as exc:
-                raise api_error(exc, verb="list", resource="pods", namespace=ns) from None
+                raise refused(exc, "list") from None
             if any(done(pod) for pod in listing.items or []):
                 return
             version = listing.metadata.resource_version if listing.metadata else None
@@ -795,20 +868,29 @@ async def _watch_pods(
                             return
                 except ApiException as exc:
                     if exc.status != 410:  # 410 Gone: the version is too old; list again
-                        raise api_error(exc, verb="watch", resource="pods", namespace=ns) from None
+                        raise refused(exc, "watch") from None
                 except (aiohttp.ClientError, OSError) as exc:
-                    raise api_error(exc, verb="watch", resource="pods", namespace=ns) from None
+                    raise refused(exc, "watch") from None
             log.debug("the watch of pods in %s ended; listing again", ns)
             if loop.time() - started < WATCH_MIN_LIFETIME:
                 # A server that ends every watch at once must not be hammered.
                 await asyncio.sleep(WATCH_MIN_LIFETIME)
 
 
-async def _job_refusal(cluster: KubeCluster, ns: str, job: str, found: list[str]) -> str | None:
-    """The message of the job's first ``FailedCreate`` event, once there is one.
+#: How a ``FailedCreate`` event words a refusal that stays (admission, quota), as
+#: opposed to a failure the job controller retries (a webhook that timed out).
+JOB_REFUSED = re.compile(r"\bis forbidden\b|\bdenied the request\b|violates PodSecurity")
 
-    Returns None at once when events cannot be read (the watch alone decides
-    then), and waits forever once the job's pod exists.
+
+async def _job_refusal(
+    cluster: KubeCluster, ns: str, job: str, found: list[str], failures: list[str]
+) -> str | None:
+    """The message of the job's first ``FailedCreate`` event that is a refusal.
+
+    Other failures to create the pod, which the job controller retries, are put
+    in ``failures`` (for the timeout's message). Returns None at once when the
+    events may not be read (the watch alone decides then); a failure to read
+    them is retried. Waits forever once the job's pod exists.
     """
     while not found:
         try:
@@ -817,11 +899,18 @@ async def _job_refusal(cluster: KubeCluster, ns: str, job: str, found: list[str]
             )
         except Exception as exc:
             log.debug("cannot read the events of job %s: %s", job, exc)
-            return None
+            if getattr(exc, "status", None) in (401, 403):
+                return None
+            await asyncio.sleep(JOB_EVENTS_INTERVAL)
+            continue
         for event in events.items or []:
             involved = event.involved_object
             if event.reason == "FailedCreate" and involved is not None and involved.name == job:
-                return " ".join(str(event.message or "no message").split())
+                message = " ".join(str(event.message or "no message").split())
+                if JOB_REFUSED.search(message):
+                    return message
+                if message not in failures:
+                    failures.append(message)
         await asyncio.sleep(JOB_EVENTS_INTERVAL)
     await asyncio.Event().wait()
     return None

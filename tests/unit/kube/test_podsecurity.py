@@ -12,7 +12,7 @@ import pytest
 from netmirror.daemon.targets.base import AgentSettings
 from netmirror.daemon.targets.kube import agent_job, ephemeral_container, targetless_job
 from netmirror.errors import TargetError
-from netmirror.kube.cluster import api_error
+from netmirror.kube.cluster import RefusedError, api_error
 from netmirror.kube.podsecurity import policy_from_labels, summary, violations
 
 SETTINGS = AgentSettings(
@@ -91,6 +91,25 @@ def test_pod_level_settings_count_for_every_container() -> None:
     assert [v.check for v in violations(spec, "restricted")] == ["runAsNonRoot != true"]
 
 
+def test_the_pods_own_root_settings_fail_even_when_every_container_overrides_them() -> None:
+    context = {"runAsNonRoot": True, "runAsUser": 1000}
+    container = {
+        "name": "c",
+        "securityContext": {
+            **context,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    spec: dict[str, Any] = {"securityContext": {"runAsNonRoot": False}, "containers": [container]}
+    assert [str(v) for v in violations(spec, "restricted")] == ["runAsNonRoot != true (pod)"]
+    spec["securityContext"] = {"runAsUser": 0}
+    assert [str(v) for v in violations(spec, "restricted")] == ["runAsUser=0 (pod)"]
+    spec["securityContext"] = {}
+    assert violations(spec, "restricted") == []
+
+
 def test_baseline_checks_host_paths_ports_privileged_and_unconfined() -> None:
     spec = {
         "hostNetwork": True,
@@ -129,6 +148,11 @@ def test_labels_make_the_policy() -> None:
     assert policy_from_labels("x", {"pod-security.kubernetes.io/enforce": "strict"}).enforce == (
         "restricted"
     )
+    # ... and open for warn and audit, as the controller does: no spurious warnings.
+    loose = policy_from_labels(
+        "x", {"pod-security.kubernetes.io/warn": "Baseline", "pod-security.kubernetes.io/audit": ""}
+    )
+    assert dict(loose.levels) == {"warn": "privileged", "audit": "privileged"}
 
 
 class Refusal(Exception):
@@ -158,6 +182,8 @@ def test_an_rbac_refusal_names_the_role() -> None:
             "forbidden: you cannot patch pods/ephemeralcontainers in namespace 'shop' "
             "(netmirror needs the Role in manifests/rbac.yaml)"
         )
+        refused = api_error(exc, verb="patch", resource="pods", namespace="shop")
+        assert isinstance(refused, RefusedError) and not refused.admission
 
 
 @pytest.mark.parametrize(
@@ -183,3 +209,11 @@ def test_an_admission_refusal_is_shown_in_the_servers_words(status: int, message
         "the API server refused to patch pods/ephemeralcontainers in namespace 'shop': " + message
     )
     assert "\n" not in text
+    refused = api_error(Refusal(status, message), verb="patch", resource="pods", namespace="s")
+    assert isinstance(refused, RefusedError) and refused.admission
+
+
+def test_a_failure_of_the_server_is_no_refusal() -> None:
+    for status in (404, 409, 500, 503):
+        err = api_error(Refusal(status, "etcd is sad"), verb="get", resource="pods", namespace="s")
+        assert isinstance(err, TargetError) and not isinstance(err, RefusedError)
