@@ -500,13 +500,7 @@ class KubeTarget(Target):
         failure (a webhook without dry-run support, no right to patch) is a no.
         """
         try:
-            await cluster.core.patch_namespaced_pod_ephemeralcontainers(
-                pod.metadata.name,
-                cluster.namespace,
-                {"spec": {"ephemeralContainers": spec["ephemeralContainers"]}},
-                dry_run="All",
-                _content_type="application/strategic-merge-patch+json",
-            )
+            await _add_ephemeral(cluster, pod, spec["ephemeralContainers"][0], dry_run=True)
         except Exception as exc:
             log.debug("the dry run of the ephemeral agent was refused: %s", exc)
             return False
@@ -615,12 +609,7 @@ class KubeTarget(Target):
         )
         say(f"adding the agent to pod {pod.metadata.name} as ephemeral container {name}")
         try:
-            await cluster.core.patch_namespaced_pod_ephemeralcontainers(
-                pod.metadata.name,
-                ns,
-                {"spec": {"ephemeralContainers": [spec]}},
-                _content_type="application/strategic-merge-patch+json",
-            )
+            await _add_ephemeral(cluster, pod, spec)
         except Exception as exc:
             raise api_error(
                 exc, verb="patch", resource="pods/ephemeralcontainers", namespace=ns
@@ -914,6 +903,20 @@ async def _job_refusal(
         await asyncio.sleep(JOB_EVENTS_INTERVAL)
     await asyncio.Event().wait()
     return None
+
+
+async def _add_ephemeral(
+    cluster: KubeCluster, pod: Any, container: dict[str, Any], *, dry_run: bool = False
+) -> None:
+    """Add ``container`` to ``pod`` as an ephemeral container (a dry run: only judged)."""
+    options = {"dry_run": "All"} if dry_run else {}
+    await cluster.core.patch_namespaced_pod_ephemeralcontainers(
+        pod.metadata.name,
+        cluster.namespace,
+        {"spec": {"ephemeralContainers": [container]}},
+        _content_type="application/strategic-merge-patch+json",
+        **options,
+    )
 
 
 def _pod_security_context(cluster: KubeCluster, pod: Any) -> dict[str, Any]:
