@@ -366,16 +366,12 @@ class KubeTarget(Target):
             self.probe_sources = node_addresses(pod)
             self.mesh_hint = mesh_hint(pod)
             name = f"netmirror-{settings.session}-{secrets.token_hex(3)}"
+            warned = warn or say
             mode, job_ns = await self._admission(
-                cluster, settings, pod, container, name, say, warn or say
+                cluster, settings, pod, container, name, say, warned
             )
             job: str | None = None
-            if mode == "job":
-                agent_pod = await self._start_job(
-                    cluster, settings, pod, container, name, say, namespace=job_ns
-                )
-                job = name
-            else:
+            if mode == "ephemeral":
                 try:
                     agent_pod = await self._start_ephemeral(
                         cluster, settings, pod, container, name, say
@@ -386,17 +382,14 @@ class KubeTarget(Target):
                     # patch): the agent namespace is the way through.
                     if self.agent_namespace is None:
                         raise
-                    job_ns = self.agent_namespace
-                    (warn or say)(
-                        f"{refused}: running the agent as a job in namespace {job_ns!r} instead"
-                    )
-                    await self._job_admission(
-                        cluster, settings, pod, name, job_ns, None, warn or say
-                    )
-                    agent_pod = await self._start_job(
-                        cluster, settings, pod, container, name, say, namespace=job_ns
-                    )
-                    job = name
+                    mode, job_ns = "job", self.agent_namespace
+                    warned(f"{refused}: running the agent as a job in namespace {job_ns!r} instead")
+                    await self._job_admission(cluster, settings, pod, name, job_ns, None, warned)
+            if mode == "job":
+                agent_pod = await self._start_job(
+                    cluster, settings, pod, container, name, say, namespace=job_ns
+                )
+                job = name
         except BaseException:
             await cluster.close()
             raise
